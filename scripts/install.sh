@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the project (and, with --dev, its test tools) into the current Python.
+# torch is installed first and only when missing, so an existing build (CPU or CUDA) is kept:
+#   - a machine with an NVIDIA GPU gets the default CUDA build from PyPI;
+#   - a CPU-only machine gets the CPU build (small), from a local wheel dir if pip is set up
+#     with one, else from PyTorch's CPU index (override with TORCH_CPU_INDEX_URL).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extra=""
+if [[ "${1:-}" == "--dev" ]]; then extra="[dev]"; fi
+PY="${PYTHON:-python3}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    "$PY" -m pip install "torch==${TORCH_VERSION}"
+  else
+    "$PY" -m pip install "torch==${TORCH_VERSION}+cpu" 2>/dev/null \
+      || "$PY" -m pip install "torch==${TORCH_VERSION}" \
+           --index-url "${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+  fi
+fi
+# DeepSpeed's build imports torch: build it against the torch installed above.
+if ! "$PY" -c "import deepspeed" 2>/dev/null; then
+  "$PY" -m pip install --no-build-isolation "deepspeed>=0.16"
+fi
+"$PY" -m pip install -e ".${extra}"

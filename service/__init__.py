@@ -1,0 +1,1 @@
+"""The ConvMAE training service: config, data pipeline, DeepSpeed on Ray Train, MLflow, Tune."""
