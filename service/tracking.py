@@ -1,0 +1,170 @@
+"""MLflow tracking that never takes a training run down.
+
+Checkpoints are the source of truth; MLflow is the window onto a run. Every call goes through
+``Tracker._safe``: an unreachable or failing server produces one warning, logging pauses for a
+while and is retried later, and training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# MLflow's HTTP client retries for minutes by default; a training step must not wait that long.
+_FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """Config value, else ``MLFLOW_TRACKING_URI``, else a sqlite store in the working directory.
+
+    Relative local stores are made absolute so Ray workers (other working directories) and the
+    driver write to the same place.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return f"sqlite:///{Path('mlruns.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:  # a plain directory
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """A local artifact folder beside a sqlite store; servers choose their own."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts" / experiment).as_uri()
+    return None
+
+
+def ensure_experiment(client: Any, tracking_uri: str, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri, name))
+
+
+class Tracker:
+    """Logs to one MLflow run; all failures are warnings (see module docstring)."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str | None,
+        *,
+        enabled: bool = True,
+        pause_after_failure_s: float = 60.0,
+        system_metrics: bool = False,
+    ) -> None:
+        for key, value in _FAST_FAIL_ENV.items():
+            os.environ.setdefault(key, value)
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.enabled = enabled and run_id is not None
+        self._pause_s = pause_after_failure_s
+        self._paused_until = 0.0
+        self.failures = 0
+        self._client = None
+        self._system_monitor = None
+        if self.enabled and system_metrics:
+            self._safe("start system metrics", self._start_system_metrics)
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def _safe(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not self.enabled or time.monotonic() < self._paused_until:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # any MLflow/network failure: warn, pause, carry on
+            self.failures += 1
+            self._paused_until = time.monotonic() + self._pause_s
+            log.warning(
+                "MLflow %s failed (%s: %s); training continues, MLflow logging paused for %.0fs",
+                what, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", self._pause_s,
+            )
+            return None
+
+    # ------------------------------------------------------------ logging
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's per-batch limit
+            self._safe("log params", self.client.log_batch, self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        if items:
+            self._safe("log metrics", self.client.log_batch, self.run_id, metrics=items)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._safe("set tags", self.client.log_batch, self.run_id, tags=items)
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        self._safe("log dict", self.client.log_dict, self.run_id, dict(data), artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._safe("log text", self.client.log_text, self.run_id, text, artifact_file)
+
+    def log_image(self, image: Any, artifact_file: str) -> None:
+        """``image``: a PIL image or an (H, W, 3) uint8 array."""
+        self._safe("log image", self.client.log_image, self.run_id, image, artifact_file=artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._safe("log artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_file_content(self, content: bytes, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_bytes(content)
+            parent = str(Path(artifact_file).parent)
+            self.log_artifact(path, None if parent == "." else parent)
+
+    # ------------------------------------------------------------ system metrics
+
+    def _start_system_metrics(self) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=10, samples_before_logging=1,
+            resume_logging=True, tracking_uri=self.tracking_uri,
+        )
+        monitor.start()
+        self._system_monitor = monitor
+
+    def close(self) -> None:
+        if self._system_monitor is not None:
+            try:
+                self._system_monitor.finish()
+            except Exception as exc:
+                log.warning("MLflow system metrics shutdown failed: %s", exc)
+            self._system_monitor = None
+
+
+class NullTracker(Tracker):
+    """What non-zero ranks hold: the same interface, logging nothing."""
+
+    def __init__(self) -> None:
+        super().__init__("", None, enabled=False)

@@ -1,0 +1,238 @@
+"""The per-worker pretraining loop that Ray Train runs on every worker."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service import checkpointing, distributed
+from service.checkpointing import TrainState
+from service.config import PretrainConfig, from_dict
+from service.progress import ProgressMeter
+from service.schedule import lr_at
+from service.tracking import NullTracker, Tracker
+
+log = logging.getLogger("convmae.train")
+
+# Chaos testing: kill one worker once, at a given optimizer step, to exercise fault tolerance.
+# The marker file makes it happen once per run (the replacement worker must not die again).
+FAULT_STEP_ENV = "CONVMAE_FAULT_INJECT_STEP"
+FAULT_MARKER_ENV = "CONVMAE_FAULT_INJECT_MARKER"
+
+
+def mask_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
+    """Masks are a pure function of (seed, rank, step): resumed runs draw the same masks."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank * 7_919 + micro_step) % (2**63))
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    target = os.environ.get(FAULT_STEP_ENV)
+    marker = os.environ.get(FAULT_MARKER_ENV)
+    if target is None or marker is None or rank != 1 or step != int(target) or Path(marker).exists():
+        return
+    Path(marker).write_text(f"killed rank {rank} at step {step}\n")
+    log.warning("fault injection: killing rank %d at step %d", rank, step)
+    time.sleep(3.0)  # let the controller register the last reported checkpoint first
+    os._exit(1)
+
+
+def _configure_logging() -> None:
+    if not logging.getLogger("convmae").handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logging.getLogger("convmae").addHandler(handler)
+        logging.getLogger("convmae").setLevel(logging.INFO)
+        logging.getLogger("service").addHandler(handler)
+        logging.getLogger("service").setLevel(logging.INFO)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker. ``loop_config`` is built by ``service.pretrain``."""
+    from convmae import build_model
+    from service import data as data_lib
+    from service import evaluation
+
+    _configure_logging()
+    cfg = from_dict(PretrainConfig, loop_config["config"])
+    use_gpu, precision = loop_config["use_gpu"], loop_config["precision"]
+    train_url, val_url = loop_config["train_url"], loop_config["val_url"]
+    ctx = distributed.worker_context()
+    t, m = cfg.train, cfg.model
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = build_model(m.name, img_size=m.img_size, norm_pix_loss=m.norm_pix_loss)
+    ds_config = distributed.deepspeed_config(cfg, use_gpu=use_gpu, precision=precision, lr=loop_config["lr"])
+    engine = distributed.build_engine(model, cfg, ds_config, loop_config["lr"])
+    dtype = distributed.engine_dtype(ds_config)
+
+    state = checkpointing.restore(engine, ctx.rank) or TrainState()
+    is_chief = ctx.rank == 0
+    tracker: Tracker = (
+        Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"], enabled=cfg.mlflow.enabled,
+                system_metrics=cfg.mlflow.system_metrics)
+        if is_chief else NullTracker()
+    )
+    if is_chief and state.optimizer_step == 0:
+        tracker.log_dict(ds_config, "deepspeed_config.json")
+
+    def loader_for(epoch: int, resume_state: dict | None):
+        return data_lib.build_train_loader(
+            cfg.data, img_size=m.img_size, batch_size=t.batch_size_per_worker, rank=ctx.rank,
+            world_size=ctx.world_size, seed=t.seed, epoch=epoch, resume_state=resume_state,
+        )
+
+    micro_per_epoch = len(loader_for(0, None))
+    steps_per_epoch = micro_per_epoch // t.grad_accum_steps
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"the data set gives {micro_per_epoch} batches of {t.batch_size_per_worker} per worker per "
+            f"epoch, fewer than train.grad_accum_steps={t.grad_accum_steps}: lower the batch size or workers"
+        )
+    total_steps = t.epochs * steps_per_epoch
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+    warmup_steps = int(round(t.warmup_epochs * steps_per_epoch))
+    lr_kwargs = dict(base_lr=loop_config["lr"], min_lr=t.min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
+    if is_chief:
+        log.info(
+            "training %s on %d worker(s) (%s, %s, ZeRO-%d): %d steps/epoch, %d steps, effective batch %d, lr %.3e",
+            m.name, ctx.world_size, "GPU" if use_gpu else "CPU", precision, cfg.dist.zero_stage,
+            steps_per_epoch, total_steps, cfg.effective_batch_size, loop_config["lr"],
+        )
+
+    meter = ProgressMeter(total_steps=total_steps, start_step=state.optimizer_step)
+    images_per_micro = t.batch_size_per_worker * ctx.world_size
+    recon_batch = None
+    last_saved_step = state.optimizer_step
+    window_loss = torch.zeros(2, dtype=torch.float64)  # (sum of losses, count) since last log
+
+    def save(metrics: dict[str, Any]) -> None:
+        nonlocal last_saved_step
+        checkpointing.save(engine, state, {**metrics, "step": state.optimizer_step, "epoch": state.epoch}, ctx.rank)
+        last_saved_step = state.optimizer_step
+
+    micro_limit = steps_per_epoch * t.grad_accum_steps  # leftover micro-batches never straddle epochs
+    last_loss = float("nan")
+    while state.epoch < t.epochs and state.optimizer_step < total_steps:
+        loader = loader_for(state.epoch, state.loader_state)
+        epoch_finished = True
+        for batch in loader:
+            if state.micro_in_epoch >= micro_limit:
+                break
+            images = batch["images"].to(ctx.device, dtype=dtype, non_blocking=True)
+            if recon_batch is None:
+                recon_batch = images[: min(8, images.shape[0])].detach().clone()
+            lr = lr_at(state.optimizer_step, **lr_kwargs)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            loss, _, _ = engine(images, mask_ratio=m.mask_ratio,
+                                generator=mask_generator(t.seed, ctx.rank, state.micro_step))
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            state.micro_step += 1
+            state.micro_in_epoch += 1
+            state.samples_seen += images_per_micro
+            last_loss = float(loss.detach().float())
+            window_loss += torch.tensor([last_loss, 1.0], dtype=torch.float64)
+            meter.update(images_per_micro, steps=0)
+            if not boundary:
+                continue
+            state.optimizer_step += 1
+            meter.update(0, steps=1)
+            state.loader_state = loader.state_dict()
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"loss is {last_loss} at step {state.optimizer_step}; lower train.blr")
+            if state.optimizer_step % t.log_every_steps == 0 or state.optimizer_step == total_steps:
+                _log_progress(state, window_loss, meter, lr, loader, tracker, ctx, t.epochs, is_chief)
+            _maybe_inject_fault(state.optimizer_step, ctx.rank)
+            if state.optimizer_step >= total_steps:
+                epoch_finished = state.micro_in_epoch >= micro_limit
+                break
+            if state.optimizer_step % cfg.checkpoint.every_steps == 0:
+                save({"train/loss": last_loss})
+
+        finished_epoch = state.epoch
+        if epoch_finished:
+            state.epoch += 1
+            state.micro_in_epoch = 0
+            state.loader_state = None
+        done = state.optimizer_step >= total_steps or state.epoch >= t.epochs
+        due = epoch_finished and (finished_epoch + 1) % t.val_every_epochs == 0
+        epoch_metrics: dict[str, Any] = {"epochs_completed": state.epoch}
+        if val_url and (due or done):
+            epoch_metrics.update(
+                evaluation.validate_during_training(engine.module, cfg, val_url, train_url, ctx, dtype)
+            )
+        recon_due = epoch_finished and (finished_epoch + 1) % cfg.mlflow.recon_every_epochs == 0
+        if recon_batch is not None and (recon_due or done):
+            # Every rank joins the forward (ZeRO-3 gathers weights collectively); rank 0 logs.
+            outputs = _reconstruction_forward(engine.module, recon_batch, cfg)
+            if is_chief:
+                _log_reconstructions(engine.module, recon_batch, outputs, tracker, state.optimizer_step)
+        if is_chief:
+            val = {k: v for k, v in epoch_metrics.items() if k.startswith("val/")}
+            tracker.log_metrics(val, step=state.optimizer_step)
+            if val:
+                log.info("epoch %d validation: %s", finished_epoch + 1,
+                         ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
+        save({**epoch_metrics, "train/loss": last_loss})
+
+    if last_saved_step != state.optimizer_step:
+        save({"train/loss": last_loss})
+    tracker.close()
+
+
+def _log_progress(state, window_loss, meter, lr, loader, tracker, ctx, epochs, is_chief) -> None:
+    """Averages the window's loss over all workers (a collective: every rank calls this)."""
+    summed = distributed.all_reduce_sum(window_loss.to(ctx.device)).cpu()
+    mean_loss = float(summed[0] / max(float(summed[1]), 1.0))
+    window_loss.zero_()
+    figures = meter.flush(state.optimizer_step)
+    if not is_chief:
+        return
+    log.info(meter.line(epoch=state.epoch, epochs=epochs, step=state.optimizer_step, loss=mean_loss,
+                        lr=lr, figures=figures))
+    tracker.log_metrics(
+        {"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": figures["images_per_s"],
+         "train/step_time_s": figures["step_time_s"], "train/epoch": state.epoch,
+         "data/corrupt_samples": loader.corrupt_samples, **_memory_metrics(ctx.device)},
+        step=state.optimizer_step,
+    )
+
+
+def _memory_metrics(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {
+            "system/gpu_mem_allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
+            "system/gpu_mem_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+        }
+    try:
+        import psutil
+
+        return {"system/process_rss_gb": psutil.Process().memory_info().rss / 2**30}
+    except ImportError:
+        return {}
+
+
+@torch.no_grad()
+def _reconstruction_forward(module: torch.nn.Module, images: torch.Tensor, cfg: PretrainConfig):
+    was_training = module.training
+    module.eval()
+    out = module(images, mask_ratio=cfg.train.eval_mask_ratio, generator=torch.Generator().manual_seed(cfg.train.seed))
+    module.train(was_training)
+    return out
+
+
+def _log_reconstructions(module, images, outputs, tracker: Tracker, step: int) -> None:
+    from service.visualize import reconstruction_grid
+
+    _, pred, mask = outputs
+    grid = reconstruction_grid(module.config, images.float().cpu(), pred.float().cpu(), mask.float().cpu())
+    tracker.log_image(grid, f"reconstructions/step_{step:07d}.png")
