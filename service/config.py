@@ -74,6 +74,8 @@ class TrainConfig:
     log_every_steps: int = 10
     val_every_epochs: int = 1
     eval_mask_ratio: float = 0.75  # fixed ratio for the comparable validation loss
+    knn_k: int = 20  # k of the k-NN validation metric on labeled data; 0 turns it off
+    knn_train_samples: int = 20_000  # size of the k-NN feature bank drawn from the train split
 
 
 @dataclass(frozen=True)
@@ -365,6 +367,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     _check(t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", t.clip_grad, "> 0 or null")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1 or null")
     _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
+    _check(t.knn_k >= 0, "train.knn_k", t.knn_k, ">= 0 (0 turns k-NN off)")
+    _check(t.knn_train_samples >= 1, "train.knn_train_samples", t.knn_train_samples, ">= 1")
     _check(t.val_every_epochs >= 1, "train.val_every_epochs", t.val_every_epochs, ">= 1")
     _check(g.num_workers >= 1, "dist.num_workers", g.num_workers, ">= 1")
     _check(g.cpus_per_worker > 0, "dist.cpus_per_worker", g.cpus_per_worker, "> 0")

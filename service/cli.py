@@ -1,0 +1,55 @@
+"""Shared command-line handling of the jobs: ``--config FILE`` plus dotted overrides."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from service.config import ConfigError, dump_yaml, flatten, load_config, parse_cli_overrides
+
+C = TypeVar("C")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("urllib3", "botocore", "s3fs", "aiobotocore", "alembic", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def overrides_help(config_cls: type) -> str:
+    keys = flatten(config_cls())
+    lines = [f"  --{k} {v!r}" for k, v in keys.items()]
+    return "config keys (override any with --KEY VALUE; defaults shown):\n" + "\n".join(lines)
+
+
+def build_parser(prog: str, description: str, config_cls: type, example: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"{overrides_help(config_cls)}\n\nexample:\n  {example}",
+    )
+    parser.add_argument("--config", help="YAML config file (see jobs/configs/); flags override it")
+    parser.add_argument("--print-config", action="store_true",
+                        help="validate and print the resolved config, then exit without training")
+    return parser
+
+
+def parse_config(parser: argparse.ArgumentParser, config_cls: type[C], argv: Sequence[str] | None) -> tuple[argparse.Namespace, C]:
+    """Parses the job's own flags and the dotted overrides; exits with status 2 on a bad config."""
+    args, rest = parser.parse_known_args(argv)
+    try:
+        config = load_config(config_cls, args.config, parse_cli_overrides(rest))
+    except ConfigError as exc:
+        parser.exit(2, f"{parser.prog}: error: invalid config: {exc}\n")
+    if args.print_config:
+        sys.stdout.write(dump_yaml(config))
+        parser.exit(0)
+    return args, config
+
+
+def report_config_error(parser: argparse.ArgumentParser, exc: Exception) -> Any:
+    parser.exit(2, f"{parser.prog}: error: {exc}\n")

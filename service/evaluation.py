@@ -1,0 +1,172 @@
+"""Comparable evaluation of a pretraining model.
+
+Training loss is not comparable across mask ratios (a higher ratio reconstructs more patches),
+so sweeps and the evaluate job compare:
+- ``val/recon_loss``: reconstruction loss on a held-out split at one fixed mask ratio, with
+  fixed, seeded masks;
+- ``val/knn_top1``: k-NN top-1 accuracy of the encoder's pooled features (labeled data only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from service import distributed
+
+EVAL_MASK_SEED = 20_220_503  # fixed masks: the same for every trial and every evaluation
+
+
+# ---------------------------------------------------------------- k-NN
+
+
+def knn_predict(
+    train_features: torch.Tensor,  # (N, C)
+    train_labels: torch.Tensor,  # (N,)
+    query_features: torch.Tensor,  # (M, C)
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Weighted k-NN on cosine similarity (the protocol of InstDisc/DINO); returns (M,) labels."""
+    if train_features.shape[0] == 0:
+        raise ValueError("k-NN needs at least one labeled training feature")
+    k = min(k, train_features.shape[0])
+    bank = F.normalize(train_features.float(), dim=1)
+    preds = []
+    for start in range(0, query_features.shape[0], chunk):
+        q = F.normalize(query_features[start : start + chunk].float(), dim=1)
+        sims, idx = (q @ bank.T).topk(k, dim=1)  # (m, k)
+        weights = (sims / temperature).exp()
+        votes = torch.zeros(q.shape[0], num_classes, dtype=weights.dtype)
+        votes.scatter_add_(1, train_labels[idx], weights)
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def knn_top1(train_features, train_labels, query_features, query_labels, num_classes, k=20, temperature=0.07) -> float:
+    preds = knn_predict(train_features, train_labels, query_features, num_classes, k, temperature)
+    return float((preds == query_labels).float().mean())
+
+
+# ---------------------------------------------------------------- lockstep iteration
+
+
+def lockstep(batches: Iterable[dict], device: torch.device) -> Iterator[dict | None]:
+    """Yields batches until every worker is exhausted; exhausted workers get ``None``.
+
+    Workers may hold different numbers of evaluation batches, but under ZeRO-3 every forward
+    is a collective, so all workers must run the same number of them.
+    """
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if distributed.all_reduce_max(int(batch is not None), device) == 0:
+            return
+        yield batch
+
+
+def _dummy_like(img_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(1, 3, img_size, img_size, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def reconstruction_loss(
+    module: torch.nn.Module,
+    batches: Iterable[dict],
+    *,
+    mask_ratio: float,
+    img_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    rank: int = 0,
+) -> float:
+    """Mean loss over all workers' samples with fixed, seeded masks."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i, batch in enumerate(lockstep(batches, device)):
+        gen = torch.Generator().manual_seed(EVAL_MASK_SEED + 100_003 * rank + i)
+        if batch is None:
+            module(_dummy_like(img_size, device, dtype), mask_ratio=mask_ratio, generator=gen)
+            continue
+        images = batch["images"].to(device, dtype=dtype)
+        loss, _, _ = module(images, mask_ratio=mask_ratio, generator=gen)
+        total += torch.tensor([float(loss) * images.shape[0], images.shape[0]], dtype=torch.float64, device=device)
+    total = distributed.all_reduce_sum(total)
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+@torch.no_grad()
+def extract_features(
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[dict],
+    *,
+    img_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    limit: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) of all workers' samples, gathered on every worker."""
+    feats, labels, seen = [], [], 0
+    for batch in lockstep(batches, device):
+        if batch is None or (limit is not None and seen >= limit):
+            embed(_dummy_like(img_size, device, dtype))
+            continue
+        images = batch["images"].to(device, dtype=dtype)
+        feats.append(embed(images).float())
+        labels.append(batch["labels"].to(device))
+        seen += images.shape[0]
+    width = feats[0].shape[1] if feats else 0
+    f = torch.cat(feats) if feats else torch.zeros(0, width, device=device)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    width = distributed.all_reduce_max(f.shape[1], device)
+    if f.shape[1] != width:  # a worker with no samples: give its empty tensor the right width
+        f = torch.zeros(0, width, device=device)
+    return distributed.all_gather_tensors(f).cpu(), distributed.all_gather_tensors(y).cpu()
+
+
+def pooled_embedding(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The encoder's pooled features of unmasked images (what the downstream backbone sees)."""
+    from convmae import encoder_embedding
+
+    return lambda images: encoder_embedding(module, images)
+
+
+def validate_during_training(
+    module: torch.nn.Module, cfg: Any, val_url: str, train_url: str, ctx: Any, dtype: torch.dtype
+) -> dict[str, float]:
+    """Validation metrics at an epoch end; a collective, every worker calls it."""
+    from service import data as data_lib
+
+    was_training = module.training
+    module.eval()
+    img_size, bs = cfg.model.img_size, cfg.train.batch_size_per_worker
+    metrics: dict[str, float] = {}
+    try:
+        val_batches = data_lib.build_eval_loader(
+            val_url, cfg.data, img_size=img_size, batch_size=bs, rank=ctx.rank, world_size=ctx.world_size
+        )
+        metrics["val/recon_loss"] = reconstruction_loss(
+            module, val_batches, mask_ratio=cfg.train.eval_mask_ratio, img_size=img_size,
+            device=ctx.device, dtype=dtype, rank=ctx.rank,
+        )
+        if cfg.train.knn_k > 0 and data_lib.open_dataset(val_url, cfg.data).has_labels:
+            embed = pooled_embedding(module)
+            common = dict(img_size=img_size, device=ctx.device, dtype=dtype)
+            train_batches = data_lib.build_eval_loader(
+                train_url, cfg.data, img_size=img_size, batch_size=bs, rank=ctx.rank, world_size=ctx.world_size
+            )
+            per_worker = -(-cfg.train.knn_train_samples // ctx.world_size)
+            bank, bank_labels = extract_features(embed, train_batches, limit=per_worker, **common)
+            val_batches = data_lib.build_eval_loader(
+                val_url, cfg.data, img_size=img_size, batch_size=bs, rank=ctx.rank, world_size=ctx.world_size
+            )
+            query, query_labels = extract_features(embed, val_batches, **common)
+            num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+            metrics["val/knn_top1"] = knn_top1(bank, bank_labels, query, query_labels, num_classes, k=cfg.train.knn_k)
+    finally:
+        module.train(was_training)
+    return metrics

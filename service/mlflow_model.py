@@ -1,0 +1,34 @@
+"""The MLflow pyfunc flavour of a registered ConvMAE model, logged as "model from code".
+
+Logging from code (not a pickled object) means loading a registered model never unpickles
+anything: the weights are safetensors and the config is JSON (``convmae.save_pretrained``).
+``mlflow.pyfunc.load_model(uri).predict(images)`` returns the encoder's pooled embeddings of
+``(N, 3, H, W)`` normalised images; ``service.registry.load_model(uri)`` returns the full
+``convmae`` model for fine-tuning and reconstruction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+
+
+class ConvMAEPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context: Any) -> None:
+        from convmae import load_pretrained
+
+        self.model = load_pretrained(context.artifacts["convmae"]).eval()
+
+    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> np.ndarray:
+        import torch
+
+        from convmae import encoder_embedding
+
+        images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        with torch.no_grad():
+            return encoder_embedding(self.model, images).numpy()
+
+
+mlflow.models.set_model(ConvMAEPyfunc())

@@ -1,0 +1,101 @@
+"""From a training checkpoint to the MLflow Model Registry, and back into ``convmae``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from service import checkpointing
+
+log = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model"
+WEIGHTS_ARTIFACT = "convmae"  # the folder written by convmae.save_pretrained inside the model
+PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def export_checkpoint(checkpoint_dir: str | Path, model_config: dict[str, Any], dest: str | Path) -> Path:
+    """Consolidates a (ZeRO-sharded) checkpoint into fp32 ``convmae.save_pretrained`` form."""
+    from convmae import ConvMAEConfig, build_model_from_config, save_pretrained
+
+    model = build_model_from_config(ConvMAEConfig.from_dict(model_config))
+    state = checkpointing.consolidated_state_dict(checkpoint_dir)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    dest = Path(dest)
+    save_pretrained(model, dest)
+    return dest
+
+
+def log_and_register(
+    model_dir: str | Path,
+    *,
+    tracking_uri: str,
+    run_id: str,
+    registered_name: str | None,
+    tags: dict[str, str] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, str | None]:
+    """Logs the exported model to ``run_id`` and registers a new version under ``registered_name``."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=str(PYFUNC_CODE),
+            artifacts={WEIGHTS_ARTIFACT: str(model_dir)},
+            pip_requirements=["convmae-service", "torch", "safetensors", "numpy"],
+            metadata=metadata or {},
+        )
+    version = None
+    if registered_name:
+        mv = mlflow.register_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", registered_name, tags=tags or {})
+        version = str(mv.version)
+        log.info("registered %s version %s (models:/%s/%s)", registered_name, version, registered_name, version)
+    return {"model_uri": info.model_uri, "version": version,
+            "registered_uri": f"models:/{registered_name}/{version}" if version else None}
+
+
+def download_model_dir(uri: str, dest: str | Path | None = None) -> Path:
+    """The ``save_pretrained`` folder behind a ``models:/`` or ``runs:/`` URI."""
+    import mlflow
+
+    dest = Path(dest or tempfile.mkdtemp(prefix="convmae-model-"))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    for candidate in (local / "artifacts" / WEIGHTS_ARTIFACT, local / WEIGHTS_ARTIFACT, local):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise FileNotFoundError(f"{uri} holds no convmae model (no {WEIGHTS_ARTIFACT}/config.json)")
+
+
+def load_model(uri: str, *, tracking_uri: str | None = None):
+    """A ``convmae`` model from ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/``, or a
+    local ``save_pretrained`` folder."""
+    from convmae import load_pretrained
+
+    if uri.startswith(("models:/", "runs:/")):
+        if tracking_uri:
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking_uri)
+        return load_pretrained(download_model_dir(uri))
+    return load_pretrained(uri)
+
+
+def write_metadata(model_dir: Path, metadata: dict[str, Any]) -> None:
+    (Path(model_dir) / "training.json").write_text(json.dumps(metadata, indent=1, default=str))

@@ -1,0 +1,49 @@
+"""Reconstruction grids: original | masked | reconstruction | reconstruction + visible patches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+COLUMNS = ("original", "masked", "reconstruction", "pasted")
+
+# ImageNet statistics (the data pipeline normalises with these).
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) normalised -> (B, H, W, 3) uint8."""
+    pixels = (images.float().cpu() * _STD + _MEAN).clamp(0, 1)
+    return (pixels.permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def reconstruction_panels(model_config: Any, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The four (B, 3, H, W) panels, in the data's normalised space (norm_pix_loss undone)."""
+    from convmae import reconstruct
+
+    out = reconstruct(model_config, images, pred, mask)
+    return {"original": images, "masked": out["masked"], "reconstruction": out["reconstruction"],
+            "pasted": out["pasted"]}
+
+
+def reconstruction_grid(
+    model_config: Any, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, *, scale: int = 1, gap: int = 2
+) -> Image.Image:
+    """One row per image, one column per panel (``COLUMNS``), white gaps between tiles."""
+    panels = reconstruction_panels(model_config, images, pred, mask)
+    tiles = [to_uint8(panels[c]) for c in COLUMNS]  # each (B, H, W, 3)
+    b, h, w, _ = tiles[0].shape
+    rows, cols = b, len(COLUMNS)
+    canvas = np.full((rows * h + (rows + 1) * gap, cols * w + (cols + 1) * gap, 3), 255, dtype=np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            y, x = gap + r * (h + gap), gap + c * (w + gap)
+            canvas[y : y + h, x : x + w] = tiles[c][r]
+    grid = Image.fromarray(canvas)
+    if scale != 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    return grid
