@@ -1,0 +1,26 @@
+import pytest
+
+from service.progress import ProgressMeter, format_duration
+from service.schedule import lr_at
+
+
+def test_warmup_then_cosine_to_min_lr():
+    kw = dict(base_lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    values = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_progress_line_has_epoch_step_loss_throughput_and_eta():
+    meter = ProgressMeter(total_steps=100)
+    meter.update(images=640, steps=10)
+    figures = meter.flush(step=10)
+    assert figures["images_per_s"] > 0 and figures["eta_s"] >= 0
+    line = meter.line(epoch=0, epochs=2, step=10, loss=0.5, lr=1e-3, figures=figures)
+    assert line.startswith("epoch 1/2 step 10/100 loss 0.5000")
+    assert "img/s" in line and "eta " in line
+    assert format_duration(3725) == "1:02:05"
