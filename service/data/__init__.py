@@ -1,0 +1,86 @@
+"""Data layer: WebDataset-style shards on any fsspec storage, read as fast as training eats.
+
+Interface the training loop codes against
+-----------------------------------------
+``storage_options(cfg: DataConfig) -> StorageOptions``
+    s3fs kwargs (endpoint_url, region, credentials, retries) from ``cfg``, falling back to
+    AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS_REGION / AWS_DEFAULT_REGION /
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_TOKEN). A dict whose repr masks
+    secrets: safe to log.
+
+``open_dataset(url, cfg) -> ShardDataset``
+    Reads and checks ``url/manifest.json`` and the shard listing up front; raises
+    ``DataError`` (a ValueError) naming the URL and the problem: unknown protocol, missing
+    bucket or prefix, no manifest (incomplete or unprepared data set), malformed manifest,
+    missing shards. Exposes ``num_samples``, ``num_shards``, ``has_labels``, ``num_classes``,
+    ``class_names``.
+
+``resolve_data_urls(cfg) -> (train_url, val_url | None)``
+    ``cfg.url`` / ``cfg.val_url``; when ``cfg.url`` is empty, the embedded digits set
+    (``<cfg.embedded_dir>/digits/{train,val}``, generated once, race-safe).
+
+``build_train_loader(cfg, *, img_size, batch_size, rank, world_size, seed, epoch,
+resume_state=None) -> TrainLoader``
+    One epoch of one rank. Iterating yields batches
+    ``{"images": FloatTensor (B, 3, img_size, img_size) ImageNet-normalised,
+    "labels": LongTensor (B,) (-1 when unlabeled), "keys": list[str]}``.
+    ``len(loader)`` is the number of batches of the whole epoch and is identical on every
+    rank: ``N // world_size // batch_size`` for a data set of N samples. Each epoch lays the
+    shards out in a (seed, epoch)-shuffled order; rank r reads the contiguous block
+    ``[r*U, (r+1)*U)`` of it (``U = len(loader) * batch_size``) and the last
+    ``N - world_size*U`` samples of that order are dropped for the epoch; since the order is
+    reshuffled every epoch, a different remainder is dropped each time. Within a rank,
+    DataLoader workers read contiguous runs of shards and shuffle in windows of
+    ``cfg.shuffle_buffer`` samples; crops and flips are seeded per batch.
+    ``loader.state_dict()`` is a small JSON-able position (epoch, batches consumed, and the
+    settings that must match); a loader built with ``resume_state=`` that dict yields exactly
+    the remaining batches of the epoch, identical in content. The state is rank-independent
+    (rank 0's state resumes every rank); resuming with a different world size, batch size,
+    seed, epoch, shuffle buffer or loader_workers count raises DataError.
+    ``loader.corrupt_samples`` counts undecodable images; each is logged at WARNING with its
+    key. To keep batch shapes fixed, an undecodable image's slot is filled with a decodable
+    image of the same batch (or a mean-colour image labelled -1 if none is).
+    ``cfg.loader_workers`` DataLoader worker processes (0: in-process), no persistent workers,
+    pinned memory only when CUDA is available. Ranks are passed in, never looked up.
+
+``build_eval_loader(url, cfg, *, img_size, batch_size, rank=0, world_size=1) -> EvalLoader``
+    Same batch dicts, no augmentation (resize + center crop), fixed order, every sample
+    exactly once across ranks (rank r gets N*r//world_size .. N*(r+1)//world_size - 1; the
+    last batch may be short). Undecodable images are left out of their batch.
+
+``transforms``: ``train_transform(img_size, min_scale=0.2, hflip=True)``,
+``eval_transform(img_size)`` (PIL.Image -> normalised FloatTensor (3, H, W)),
+``IMAGENET_MEAN``, ``IMAGENET_STD``.
+
+``prepare.prepare_dataset(src, dest, *, shard_bytes=256 MiB, storage_options=None, ...)``
+    Packs an image folder (``class/xxx.jpg`` or flat) or archive into shards plus
+    ``manifest.json`` (written last); re-running resumes. CLI: ``jobs/prepare_data.py``.
+
+Modules: storage (options, filesystems, retries), manifest, shards (tar format), dataset
+(open + read with retries), sharding (epoch plans), transforms, streams (worker-side
+batches), loader, sources + prepare (writing), embedded (digits).
+"""
+
+from service.data import transforms
+from service.data.dataset import ShardDataset, open_dataset
+from service.data.embedded import resolve_data_urls
+from service.data.errors import DataError
+from service.data.loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
+from service.data.storage import StorageOptions, storage_options
+from service.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "DataError",
+    "EvalLoader",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ShardDataset",
+    "StorageOptions",
+    "TrainLoader",
+    "build_eval_loader",
+    "build_train_loader",
+    "open_dataset",
+    "resolve_data_urls",
+    "storage_options",
+    "transforms",
+]

@@ -1,0 +1,167 @@
+"""Train and eval loaders: torch DataLoaders over :class:`BatchStream`, with resumable state.
+
+``len(train_loader)`` is the same on every rank (see ``sharding`` for which samples are
+dropped); the state of any rank resumes every rank, because it holds only the epoch position
+and the settings that must match.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from service.config import DataConfig
+from service.data.dataset import ShardDataset, open_dataset
+from service.data.embedded import resolve_data_urls
+from service.data.errors import DataError
+from service.data.sharding import EpochPlan, plan_eval, plan_train_epoch
+from service.data.storage import redact_url
+from service.data.streams import BatchStream, Geometry
+from service.data.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "convmae-train-loader"
+STATE_VERSION = 1
+# Settings that fix the epoch's batches; resuming with any of them changed would not
+# reproduce the remaining batches, so it is refused.
+_STATE_KEYS = ("epoch", "seed", "world_size", "batch_size", "num_streams", "shuffle_window",
+               "num_samples")
+
+
+class _Loader:
+    def __init__(self, dataset: ShardDataset, plan: EpochPlan, transform: Geometry,
+                 num_workers: int, fill_corrupt: bool) -> None:
+        self.dataset, self.plan, self.transform = dataset, plan, transform
+        self.num_workers = num_workers
+        self._fill_corrupt = fill_corrupt
+        self._consumed = 0
+        self._corrupt = 0
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    @property
+    def corrupt_samples(self) -> int:
+        """Undecodable images skipped so far (each also logged at WARNING with its key)."""
+        return self._corrupt
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The batches from the current position to the end of the epoch."""
+        if self._consumed >= len(self):
+            return
+        stream = BatchStream(self.dataset, self.plan, self.transform, first_slot=self._consumed,
+                             fill_corrupt=self._fill_corrupt)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        for batch in loader:
+            self._count_corrupt(batch.pop("corrupt"))
+            self._consumed += 1
+            if batch["keys"] or self._fill_corrupt:
+                yield batch
+
+    def _count_corrupt(self, corrupt: list[tuple[str, str, str]]) -> None:
+        for key, shard, reason in corrupt:
+            log.warning("skipped undecodable image %r in %s/%s: %s", key,
+                        redact_url(self.dataset.url), shard, reason)
+        self._corrupt += len(corrupt)
+
+
+class TrainLoader(_Loader):
+    """One epoch of training batches for one rank.
+
+    Iterating yields ``{"images": FloatTensor (B, 3, H, W), "labels": LongTensor (B,),
+    "keys": list[str]}`` from the current position to the end of the epoch; ``len()`` is the
+    number of batches in the whole epoch, identical on every rank. ``state_dict()`` after any
+    batch, given back as ``resume_state``, yields exactly the remaining batches.
+    """
+
+    def __init__(self, dataset: ShardDataset, plan: EpochPlan, transform: Geometry, *,
+                 num_workers: int, seed: int, epoch: int,
+                 resume_state: dict[str, Any] | None = None) -> None:
+        super().__init__(dataset, plan, transform, num_workers, fill_corrupt=True)
+        self.seed, self.epoch = seed, epoch
+        if resume_state is not None:
+            self._consumed, self._corrupt = self._check_resume(resume_state)
+
+    @property
+    def batches_consumed(self) -> int:
+        return self._consumed
+
+    @property
+    def batches_remaining(self) -> int:
+        return len(self) - self._consumed
+
+    def _settings(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "seed": self.seed,
+                "world_size": self.plan.world_size, "batch_size": self.plan.batch_size,
+                "num_streams": self.plan.num_streams, "shuffle_window": self.plan.shuffle_window,
+                "num_samples": self.dataset.num_samples}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Small, JSON-serialisable position after the batches consumed so far."""
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, **self._settings(),
+                "batches_consumed": self._consumed, "corrupt_samples": self._corrupt}
+
+    def _check_resume(self, state: dict[str, Any]) -> tuple[int, int]:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise DataError(f"resume_state {state!r:.200} is not a train loader state "
+                            f"(from TrainLoader.state_dict())")
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"resume_state version {state.get('version')!r} is not supported; "
+                            f"expected {STATE_VERSION}")
+        ours = self._settings()
+        wrong = [f"{k}: saved {state.get(k)!r}, now {ours[k]!r}" for k in _STATE_KEYS
+                 if state.get(k) != ours[k]]
+        if wrong:
+            raise DataError("resume_state does not match this loader, so the rest of its epoch "
+                            "cannot be reproduced (" + "; ".join(wrong) + "); num_streams is "
+                            "data.loader_workers (at least 1)")
+        consumed = state.get("batches_consumed")
+        if not isinstance(consumed, int) or not 0 <= consumed <= len(self):
+            raise DataError(f"resume_state batches_consumed={consumed!r} is not allowed: "
+                            f"0..{len(self)}")
+        return consumed, int(state.get("corrupt_samples", 0))
+
+
+class EvalLoader(_Loader):
+    """Evaluation batches for one rank: fixed order, no augmentation, nothing dropped.
+
+    Iterating starts over each time. Undecodable images are left out of their batch (and a
+    batch left empty is not yielded).
+    """
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._consumed = 0
+        yield from super().__iter__()
+
+
+def build_train_loader(cfg: DataConfig, *, img_size: int, batch_size: int, rank: int,
+                       world_size: int, seed: int, epoch: int,
+                       resume_state: dict[str, Any] | None = None) -> TrainLoader:
+    """The training loader of ``rank`` for ``epoch`` over ``cfg.url`` (or the embedded set)."""
+    if epoch < 0:
+        raise DataError(f"epoch={epoch} is not allowed: >= 0")
+    train_url, _ = resolve_data_urls(cfg)
+    dataset = open_dataset(train_url, cfg)
+    streams = max(1, cfg.loader_workers)
+    plan = plan_train_epoch(dataset.shard_sizes, rank=rank, world_size=world_size,
+                            batch_size=batch_size, num_streams=streams, seed=seed, epoch=epoch,
+                            shuffle_window=cfg.shuffle_buffer)
+    transform = train_transform(img_size, cfg.min_crop_scale, cfg.hflip)
+    return TrainLoader(dataset, plan, transform, num_workers=cfg.loader_workers, seed=seed,
+                       epoch=epoch, resume_state=resume_state)
+
+
+def build_eval_loader(url: str, cfg: DataConfig, *, img_size: int, batch_size: int,
+                      rank: int = 0, world_size: int = 1) -> EvalLoader:
+    """Eval loader of ``rank`` over ``url``: every sample exactly once across ranks."""
+    dataset = open_dataset(url, cfg)
+    plan = plan_eval(dataset.shard_sizes, rank=rank, world_size=world_size,
+                     batch_size=batch_size, num_streams=max(1, cfg.loader_workers))
+    return EvalLoader(dataset, plan, eval_transform(img_size), cfg.loader_workers,
+                      fill_corrupt=False)

@@ -1,0 +1,126 @@
+"""The per-worker half of a loader: read a stream's samples, shuffle them, decode batches.
+
+An instance is pickled (or forked) into every DataLoader worker; the worker's id picks which
+stream of the :class:`EpochPlan` it produces. Batches leave the worker already stacked and
+normalised, along with the keys of images that could not be decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import random
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from service.data.dataset import ShardDataset
+from service.data.sharding import EpochPlan
+from service.data.shards import RawSample
+from service.data.transforms import to_normalized_batch
+
+
+class Geometry(Protocol):
+    img_size: int
+
+    def geometry(self, img: Image.Image, rng: random.Random | None = None) -> Image.Image: ...
+
+
+class BatchStream(IterableDataset):
+    """A rank's batches for delivery slots ``first_slot`` onwards.
+
+    DataLoader worker ``w`` produces stream ``(w + first_slot) % num_streams``, so that the
+    DataLoader's round-robin over workers starts with the stream owning ``first_slot`` and
+    delivers slots in order, also when resuming mid-epoch.
+
+    ``fill_corrupt``: keep every batch full (training shapes must not change) by repeating
+    the batch's decodable images in place of undecodable ones; a batch with none decodable is
+    filled with mean-colour images labelled -1. Without it (evaluation) undecodable images are
+    just left out.
+    """
+
+    def __init__(self, dataset: ShardDataset, plan: EpochPlan, transform: Geometry,
+                 first_slot: int, fill_corrupt: bool) -> None:
+        super().__init__()
+        self.dataset, self.plan, self.transform = dataset, plan, transform
+        self.first_slot, self.fill_corrupt = first_slot, fill_corrupt
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.plan.num_streams:
+            raise RuntimeError(f"{workers} DataLoader workers for a plan of "
+                               f"{self.plan.num_streams} streams")
+        yield from self.batches((worker + self.first_slot) % self.plan.num_streams)
+
+    def batches(self, stream: int) -> Iterator[dict[str, Any]]:
+        plan = self.plan
+        count = len(plan.stream_batches(stream))
+        first = plan.first_batch(stream, self.first_slot)
+        if first >= count:
+            return
+        start, stop = plan.stream_span(stream)
+        samples = self._emitted(stream, start, stop, skip=first * plan.batch_size)
+        for k in range(first, count):
+            size = min(plan.batch_size, stop - start - k * plan.batch_size)
+            yield self._assemble(list(itertools.islice(samples, size)), plan.slot(stream, k))
+
+    def _emitted(self, stream: int, start: int, stop: int, skip: int) -> Iterator[RawSample]:
+        """The stream's samples in shuffled order, from the ``skip``-th on, reading only from
+        the window that holds it."""
+        window = self.plan.shuffle_window
+        number, offset = divmod(skip, window)
+        position = start + number * window
+        reader = self._read(position, stop)
+        while position < stop:
+            length = min(window, stop - position)
+            buffered = list(itertools.islice(reader, length))
+            for i in self.plan.window_order(stream, number, length)[offset:]:
+                yield buffered[i]
+            position, number, offset = position + length, number + 1, 0
+
+    def _read(self, start: int, stop: int) -> Iterator[RawSample]:
+        for segment in self.plan.segments(start, stop):
+            yield from self.dataset.read(segment.shard, segment.start, segment.stop)
+
+    def _assemble(self, samples: list[RawSample], slot: int) -> dict[str, Any]:
+        # Seeded per slot, so a resumed epoch reproduces the same crops and flips.
+        rng = random.Random(self.plan.augmentation_seed(slot))
+        images, labels, keys, corrupt = [], [], [], []
+        for sample in samples:
+            try:
+                if sample.image is None:
+                    raise ValueError("the sample has no image member")
+                with Image.open(io.BytesIO(sample.image)) as img:
+                    images.append(self.transform.geometry(img, rng))
+            except Exception as exc:  # any decoder failure means a bad image, not a bad run
+                corrupt.append((sample.key, sample.shard, f"{type(exc).__name__}: {exc}"))
+                continue
+            labels.append(sample.label)
+            keys.append(sample.key)
+        if self.fill_corrupt and corrupt:
+            missing = len(samples) - len(images)
+            if images:
+                good = list(zip(images, labels, keys))
+                for image, label, key in itertools.islice(itertools.cycle(good), missing):
+                    images.append(image)
+                    labels.append(label)
+                    keys.append(key)
+            else:
+                size = self.transform.img_size
+                blank = Image.new("RGB", (size, size), _MEAN_RGB)
+                images, labels, keys = [blank] * missing, [-1] * missing, [c[0] for c in corrupt]
+        size = self.transform.img_size
+        return {
+            "images": to_normalized_batch(images) if images else torch.empty((0, 3, size, size)),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "keys": keys,
+            "corrupt": corrupt,
+        }
+
+
+# ImageNet mean as 8-bit RGB: normalises to (about) zero.
+_MEAN_RGB = (124, 116, 104)
