@@ -1,0 +1,180 @@
+"""Model configurations: one frozen dataclass and the named presets.
+
+Provenance of the presets (the official repository, Alpha-VL/ConvMAE, ships code for Base only):
+
+* ``convmae_base``: ``convmae_convvit_base_patch16_dec512d8b`` in the official ``models_convmae.py``
+  (also used unchanged by the official fine-tuning, detection and segmentation configs).
+* ``convmae_large``: embed dims 384/768/1024, depths 2/2/23, 16 heads, MLP ratios 8/8/4. The
+  official README (May 2022) lists ConvMAE-L at 322M parameters; this configuration's encoder has
+  321.75M, and it is the Large configuration that later Alpha-VL-derived code (ConvMAE-v2 family)
+  carries. Note: some tracking code (MixFormer) builds a different "convmae_large" with depths
+  2/2/20 and MLP ratio 4 (272M), which does not match the official 322M figure.
+* ``convmae_huge``: embed dims 768/1024/1280, depths 2/2/31, 16 heads, MLP ratios 8/8/4, the Huge
+  configuration of the same ConvMAE-v2 family. The official repository releases ConvMAE-v2-Huge
+  weights but neither code nor a parameter count for it, so this preset is derived, not verified.
+* ``convmae_small``: embed dims 128/256/384, depths 2/2/11, 6 heads, MLP ratio 4, i.e. Base with
+  ViT-S widths (384 = 6 heads of 64), as in the Alpha-VL FastConvMAE family. Derived, not verified.
+* ``convmae_tiny``: ours, for CPU tests only.
+
+All presets use the official MAE-style decoder (512-d, 8 blocks, 16 heads). The official model
+builds its decoder blocks with the *first* stage's MLP ratio (``mlp_ratio[0]``), so
+``decoder_mlp_ratio`` is 4 for Base and 8 for Large/Huge. ``norm_pix_loss`` is on in the presets
+because the official pretraining recipe (PRETRAIN.md) passes ``--norm_pix_loss``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ConvMAEConfig:
+    img_size: int = 224
+    in_chans: int = 3
+    # Strides of the three patch embeddings; their product is the token (and loss) patch size.
+    patch_sizes: tuple[int, int, int] = (4, 2, 2)
+    embed_dims: tuple[int, int, int] = (256, 384, 768)
+    depths: tuple[int, int, int] = (2, 2, 11)
+    # Heads of the stage-3 transformer blocks (the conv stages have no attention).
+    num_heads: int = 12
+    mlp_ratios: tuple[float, float, float] = (4.0, 4.0, 4.0)
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    decoder_mlp_ratio: float = 4.0
+    # Kernel of the depthwise convolution that replaces attention in stages 1-2.
+    dw_kernel_size: int = 5
+    norm_pix_loss: bool = True
+    drop_path_rate: float = 0.0
+    # True: stages 1-2 are evaluated only on the cells of visible 16x16 blocks (the depthwise conv
+    # still runs on the full grid with masked cells zeroed). Visible-token outputs, loss and
+    # gradients equal the dense formulation of the paper; masked cells, whose values never reach
+    # a visible token, are simply not computed. False: the paper's dense masked convolution.
+    sparse_conv_stages: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("patch_sizes", "embed_dims", "depths", "mlp_ratios"):
+            value = tuple(getattr(self, name))
+            if len(value) != 3:
+                raise ValueError(f"{name} must have one entry per stage (3), got {value!r}")
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "mlp_ratios", tuple(float(r) for r in self.mlp_ratios))
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} is not a multiple of the token patch size "
+                f"{self.patch_size} (= product of patch_sizes {self.patch_sizes})"
+            )
+        if self.embed_dims[2] % self.num_heads:
+            raise ValueError(f"embed_dims[2]={self.embed_dims[2]} not divisible by num_heads={self.num_heads}")
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            raise ValueError(
+                f"decoder_embed_dim={self.decoder_embed_dim} not divisible by "
+                f"decoder_num_heads={self.decoder_num_heads}"
+            )
+        if self.dw_kernel_size % 2 != 1:
+            raise ValueError(f"dw_kernel_size must be odd, got {self.dw_kernel_size}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+    @property
+    def patch_size(self) -> int:
+        """Side of the 16x16 token patch: what masking, patchify and the loss work on."""
+        return math.prod(self.patch_sizes)
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ConvMAEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ConvMAEConfig fields: {unknown}")
+        return cls(**dict(d))
+
+    def replace(self, **overrides: Any) -> ConvMAEConfig:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown ConvMAEConfig fields: {unknown}")
+        return dataclasses.replace(self, **overrides)
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def convmae_tiny() -> ConvMAEConfig:
+    """A few-hundred-thousand-parameter model for CPU tests (not an official size)."""
+    return ConvMAEConfig(
+        img_size=64,
+        embed_dims=(32, 48, 64),
+        depths=(1, 1, 2),
+        num_heads=4,
+        mlp_ratios=(4.0, 4.0, 4.0),
+        decoder_embed_dim=64,
+        decoder_depth=2,
+        decoder_num_heads=4,
+        decoder_mlp_ratio=4.0,
+    )
+
+
+def convmae_small() -> ConvMAEConfig:
+    """Derived (see module docstring): Base layout with ViT-S widths."""
+    return ConvMAEConfig(embed_dims=(128, 256, 384), depths=(2, 2, 11), num_heads=6, mlp_ratios=(4.0, 4.0, 4.0))
+
+
+def convmae_base() -> ConvMAEConfig:
+    """Official ``convmae_convvit_base_patch16_dec512d8b``."""
+    return ConvMAEConfig(embed_dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12, mlp_ratios=(4.0, 4.0, 4.0))
+
+
+def convmae_large() -> ConvMAEConfig:
+    """ConvMAE-L, 322M encoder parameters per the official README (see module docstring)."""
+    return ConvMAEConfig(
+        embed_dims=(384, 768, 1024),
+        depths=(2, 2, 23),
+        num_heads=16,
+        mlp_ratios=(8.0, 8.0, 4.0),
+        decoder_mlp_ratio=8.0,
+    )
+
+
+def convmae_huge() -> ConvMAEConfig:
+    """Derived from the ConvMAE-v2 family (see module docstring); no official count to check."""
+    return ConvMAEConfig(
+        embed_dims=(768, 1024, 1280),
+        depths=(2, 2, 31),
+        num_heads=16,
+        mlp_ratios=(8.0, 8.0, 4.0),
+        decoder_mlp_ratio=8.0,
+    )
+
+
+PRESETS: dict[str, Callable[[], ConvMAEConfig]] = {
+    "convmae_tiny": convmae_tiny,
+    "convmae_small": convmae_small,
+    "convmae_base": convmae_base,
+    "convmae_large": convmae_large,
+    "convmae_huge": convmae_huge,
+}
+
+
+def get_config(name: str, **overrides: Any) -> ConvMAEConfig:
+    try:
+        preset = PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown ConvMAE preset {name!r}; choose from {sorted(PRESETS)}") from None
+    return preset().replace(**overrides) if overrides else preset()
