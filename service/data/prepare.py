@@ -96,7 +96,7 @@ def write_dataset(source: ImageSource, dest: str, *, shard_bytes: int = DEFAULT_
         writer: ShardWriter | None = None
         for image, data in read_all(source, position):
             if writer is not None and (
-                writer.num_bytes + sample_tar_bytes(len(data), labeled) + 2048 > shard_bytes
+                writer.size_with(sample_tar_bytes(len(data), labeled)) > shard_bytes
                 or writer.num_samples == samples_per_shard
             ):
                 done.append(_finish(writer, fs, root, shown, max_retries))

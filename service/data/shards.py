@@ -69,9 +69,11 @@ class ShardWriter:
     def num_samples(self) -> int:
         return len(self.offsets)
 
-    @property
-    def num_bytes(self) -> int:
-        return self._tar.offset
+    def size_with(self, sample_bytes: int) -> int:
+        """The finished file's size if a sample of ``sample_bytes`` were added: tar ends with
+        two zero blocks and is padded to a whole record."""
+        end = self._tar.offset + sample_bytes + 2 * _BLOCK
+        return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
     def add(self, key: str, ext: str, image: bytes, label: int = -1) -> None:
         if not self.offsets:

@@ -1,0 +1,225 @@
+"""prepare_dataset / jobs/prepare_data.py: layouts, archives, shard sizes, manifest last, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import service.data.prepare as prepare_module
+from service.data import DataError, open_dataset
+from service.data.prepare import prepare_dataset
+from tests.service.data.conftest import config, image_bytes
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def read_everything(url: str) -> dict[str, tuple[bytes, int]]:
+    dataset = open_dataset(url, config())
+    out = {}
+    for shard, size in enumerate(dataset.shard_sizes):
+        for sample in dataset.read(shard, 0, size):
+            out[sample.key] = (sample.image, sample.label)
+    return out
+
+
+def folder_contents(root: Path) -> dict[str, tuple[bytes, int]]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    out = {}
+    for path in root.rglob("*.*"):
+        rel = path.relative_to(root)
+        label = classes.index(rel.parts[0]) if len(rel.parts) > 1 else -1
+        out[str(rel.with_suffix(""))] = (path.read_bytes(), label)
+    return out
+
+
+def test_labeled_folder_round_trips_bytes_labels_and_keys(make_image_folder, tmp_path):
+    src = make_image_folder(classes=3, per_class=7)
+    manifest = prepare_dataset(str(src), str(tmp_path / "out"), shard_bytes=16 * 1024)
+    assert manifest["num_samples"] == 21 and manifest["num_classes"] == 3
+    assert manifest["class_names"] == ["class_0", "class_1", "class_2"]
+    assert manifest["num_shards"] > 1
+    assert sum(s["num_samples"] for s in manifest["shards"]) == 21
+    assert read_everything(str(tmp_path / "out")) == folder_contents(src)
+    dataset = open_dataset(str(tmp_path / "out"), config())
+    assert (dataset.num_samples, dataset.has_labels, dataset.num_classes) == (21, True, 3)
+
+
+def test_shards_are_plain_webdataset_tars_with_checksums(make_image_folder, tmp_path):
+    src = make_image_folder(classes=2, per_class=3)
+    manifest = prepare_dataset(str(src), str(tmp_path / "out"))
+    shard = manifest["shards"][0]
+    path = tmp_path / "out" / shard["name"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+    assert path.stat().st_size == shard["num_bytes"]
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+    assert len(names) == 12
+    assert {n.rsplit(".", 1)[1] for n in names} == {"jpg", "cls"}
+    assert all(n.count(".") == 1 for n in names)  # key.ext, as WebDataset splits them
+
+
+def test_flat_folder_is_unlabeled(make_image_folder, tmp_path):
+    src = make_image_folder(classes=0, per_class=5, fmt="PNG", ext="png")
+    manifest = prepare_dataset(str(src), str(tmp_path / "out"))
+    assert manifest["num_classes"] == 0 and manifest["has_labels"] is False
+    assert {label for _, label in read_everything(str(tmp_path / "out")).values()} == {-1}
+
+
+def test_shards_respect_the_target_size(make_image_folder, tmp_path):
+    src = make_image_folder(classes=2, per_class=20)
+    target = 24 * 1024
+    manifest = prepare_dataset(str(src), str(tmp_path / "out"), shard_bytes=target)
+    assert all(s["num_bytes"] <= target for s in manifest["shards"])
+    assert len(manifest["shards"]) > 2
+    assert all(s["num_bytes"] > target // 2 for s in manifest["shards"][:-1])  # filled, not split early
+    by_count = prepare_dataset(str(src), str(tmp_path / "out2"), samples_per_shard=6)
+    assert [s["num_samples"] for s in by_count["shards"]] == [6] * 6 + [4]
+
+
+def test_mixed_layout_and_empty_or_missing_sources_are_refused(tmp_path):
+    mixed = tmp_path / "mixed"
+    (mixed / "cat").mkdir(parents=True)
+    (mixed / "top.jpg").write_bytes(image_bytes(0))
+    (mixed / "cat" / "a.jpg").write_bytes(image_bytes(1))
+    with pytest.raises(DataError, match="mixes images at the top level"):
+        prepare_dataset(str(mixed), str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images")
+    with pytest.raises(DataError, match="no .jpg"):
+        prepare_dataset(str(tmp_path / "empty"), str(tmp_path / "out"))
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_dataset(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+
+
+def test_colliding_keys_are_made_unique(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.jpg").write_bytes(image_bytes(0))
+    (src / "x.png").write_bytes(image_bytes(1, fmt="PNG"))
+    (src / "x_1.v2.jpg").write_bytes(image_bytes(2))
+    prepare_dataset(str(src), str(tmp_path / "out"))
+    assert len(read_everything(str(tmp_path / "out"))) == 3
+
+
+def _tar_of(root: Path, target: Path, top: str = "", mode: str = "w") -> Path:
+    with tarfile.open(target, mode) as tar:
+        for path in sorted(root.rglob("*.*")):
+            tar.add(path, arcname=f"{top}{path.relative_to(root)}")
+    return target
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "zip", "nested"])
+def test_archives_give_the_same_samples_as_the_folder(make_image_folder, tmp_path, kind):
+    src = make_image_folder(classes=3, per_class=4)
+    if kind == "tar":
+        archive = _tar_of(src, tmp_path / "a.tar", top="dataset/")
+    elif kind == "tar.gz":
+        archive = _tar_of(src, tmp_path / "a.tar.gz", mode="w:gz")
+    elif kind == "zip":
+        archive = tmp_path / "a.zip"
+        with zipfile.ZipFile(archive, "w") as zf:
+            for path in sorted(src.rglob("*.*")):
+                zf.write(path, arcname=str(path.relative_to(src)))
+    else:  # ImageNet's train archive: one uncompressed tar per class inside a tar
+        archive = tmp_path / "a.tar"
+        with tarfile.open(archive, "w") as outer:
+            for folder in sorted(p for p in src.iterdir()):
+                inner = _tar_of(folder, tmp_path / f"{folder.name}.tar")
+                outer.add(inner, arcname=inner.name)
+    prepare_dataset(str(archive), str(tmp_path / "out"), shard_bytes=16 * 1024)
+    assert read_everything(str(tmp_path / "out")) == folder_contents(src)
+
+
+def test_interrupted_run_has_no_manifest_and_a_rerun_resumes(make_image_folder, tmp_path,
+                                                             monkeypatch):
+    src = make_image_folder(classes=2, per_class=12)
+    dest = tmp_path / "out"
+    real_finish = prepare_module._finish
+    finished = []
+
+    def crash_after_two(*args, **kwargs):
+        if len(finished) == 2:
+            raise KeyboardInterrupt("killed")
+        finished.append(real_finish(*args, **kwargs))
+        return finished[-1]
+
+    monkeypatch.setattr(prepare_module, "_finish", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(str(src), str(dest), samples_per_shard=5)
+    assert not (dest / "manifest.json").exists()
+    with pytest.raises(DataError, match="incomplete data set"):
+        open_dataset(str(dest), config())
+
+    rewritten = []
+    monkeypatch.setattr(prepare_module, "_finish",
+                        lambda w, *a, **k: rewritten.append(Path(w.path).name) or real_finish(w, *a, **k))
+    first_two = [(dest / f"shard-00000{i}.tar").stat().st_mtime_ns for i in range(2)]
+    manifest = prepare_dataset(str(src), str(dest), samples_per_shard=5)
+    assert rewritten == ["shard-000002.tar", "shard-000003.tar", "shard-000004.tar"]
+    assert [(dest / f"shard-00000{i}.tar").stat().st_mtime_ns for i in range(2)] == first_two
+    fresh = prepare_dataset(str(src), str(tmp_path / "fresh"), samples_per_shard=5)
+    assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in fresh["shards"]]
+
+
+def test_complete_destination_is_left_alone_and_not_mistaken(make_image_folder, tmp_path):
+    src = make_image_folder(classes=2, per_class=3)
+    dest = tmp_path / "out"
+    first = prepare_dataset(str(src), str(dest))
+    stamp = (dest / "manifest.json").stat().st_mtime_ns
+    assert prepare_dataset(str(src), str(dest)) == first
+    assert (dest / "manifest.json").stat().st_mtime_ns == stamp
+    other = make_image_folder(classes=1, per_class=2, name="other")
+    with pytest.raises(DataError, match="already holds a complete data set"):
+        prepare_dataset(str(other), str(dest))
+    replaced = prepare_dataset(str(other), str(dest), overwrite=True)
+    assert replaced["num_samples"] == 2
+    assert sorted(p.name for p in dest.glob("shard-*.tar")) == ["shard-000000.tar"]
+
+
+def test_cli_prepares_a_data_set_and_documents_its_options(make_image_folder, tmp_path):
+    src = make_image_folder(classes=2, per_class=4)
+    script = str(REPO / "jobs" / "prepare_data.py")
+    helped = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert helped.returncode == 0
+    assert "--shard-size" in helped.stdout and "--endpoint-url" in helped.stdout
+    done = subprocess.run([sys.executable, script, str(src), str(tmp_path / "out"),
+                           "--shard-size", "16KB"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "8 images in" in done.stdout
+    assert "images/s" in done.stderr  # progress lines
+    failed = subprocess.run([sys.executable, script, str(tmp_path / "missing"),
+                             str(tmp_path / "out2")], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert failed.returncode == 2 and "does not exist" in failed.stderr
+
+
+@pytest.mark.parametrize("text,expected", [("256MB", 256 * 2**20), ("1.5GB", 3 * 2**29),
+                                           ("64KiB", 65536), ("1000", 1000)])
+def test_shard_size_parsing(text, expected):
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        from prepare_data import parse_size
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    assert parse_size(text) == expected
+
+
+def test_reading_from_the_middle_of_a_shard_uses_offsets(make_image_folder, tmp_path):
+    src = make_image_folder(classes=1, per_class=9)
+    prepare_dataset(str(src), str(tmp_path / "out"))
+    dataset = open_dataset(str(tmp_path / "out"), config())
+    every = [s.key for s in dataset.read(0, 0, 9)]
+    assert [s.key for s in dataset.read(0, 4, 7)] == every[4:7]
+    (tmp_path / "out" / "shard-000000.index.json").unlink()  # other tools write no index
+    fresh = open_dataset(str(tmp_path / "out"), config())
+    assert [s.key for s in fresh.read(0, 4, 7)] == every[4:7]
+
+

@@ -1,0 +1,105 @@
+"""Epoch plans: exactly-once coverage, equal batch counts per rank, ordered delivery slots."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.data.errors import DataError
+from service.data.sharding import plan_eval, plan_train_epoch
+
+SHARDS = (7, 30, 1, 13, 13, 22, 5)  # uneven on purpose; 91 samples
+
+
+def positions(plan, streams: range | None = None) -> list[tuple[int, int]]:
+    """(shard, index in shard) of every sample a plan reads, stream by stream."""
+    out = []
+    for stream in streams or range(plan.num_streams):
+        start, stop = plan.stream_span(stream)
+        for seg in plan.segments(start, stop):
+            out.extend((seg.shard, i) for i in range(seg.start, seg.stop))
+    return out
+
+
+def train_plans(world: int, batch: int, streams: int, epoch: int = 0, seed: int = 0):
+    return [plan_train_epoch(SHARDS, rank=r, world_size=world, batch_size=batch,
+                             num_streams=streams, seed=seed, epoch=epoch, shuffle_window=8)
+            for r in range(world)]
+
+
+@pytest.mark.parametrize("world,batch,streams", [(1, 4, 1), (2, 4, 2), (3, 5, 4), (4, 2, 3)])
+def test_train_ranks_have_equal_full_batches_and_disjoint_samples(world, batch, streams):
+    plans = train_plans(world, batch, streams)
+    expected_batches = sum(SHARDS) // world // batch
+    assert {p.num_batches for p in plans} == {expected_batches}
+    seen = [pos for p in plans for pos in positions(p)]
+    assert len(seen) == len(set(seen)) == world * expected_batches * batch
+    dropped = sum(SHARDS) - len(seen)
+    assert 0 <= dropped < world * (batch + 1)
+
+
+def test_train_streams_split_a_rank_into_contiguous_blocks_of_batches():
+    plan = train_plans(2, 4, 3)[1]
+    blocks = [plan.stream_batches(s) for s in range(3)]
+    assert [b.start for b in blocks] == [0, blocks[0].stop, blocks[1].stop]
+    assert blocks[-1].stop == plan.num_batches
+    assert max(len(b) for b in blocks) - min(len(b) for b in blocks) <= 1
+
+
+def test_delivery_slots_cover_every_batch_once_in_round_robin_order():
+    plan = train_plans(1, 4, 3)[0]
+    slots = sorted(plan.slot(s, k) for s in range(3) for k in range(len(plan.stream_batches(s))))
+    assert slots == list(range(plan.num_batches))
+
+
+@pytest.mark.parametrize("first_slot", [0, 1, 2, 5, 7])
+def test_first_batch_counts_the_stream_batches_delivered_before_a_slot(first_slot):
+    plan = train_plans(1, 4, 3)[0]
+    for s in range(3):
+        before = [k for k in range(len(plan.stream_batches(s))) if plan.slot(s, k) < first_slot]
+        assert plan.first_batch(s, first_slot) == len(before)
+
+
+def test_epochs_reorder_shards_and_drop_different_samples():
+    kept = [set(pos for p in train_plans(2, 8, 2, epoch=e) for pos in positions(p)) for e in range(4)]
+    everything = {(s, i) for s, n in enumerate(SHARDS) for i in range(n)}
+    dropped = [frozenset(everything - k) for k in kept]
+    assert len(set(dropped)) > 1
+    same = train_plans(2, 8, 2, epoch=1)
+    assert [p.shard_order for p in same] == [p.shard_order for p in train_plans(2, 8, 2, epoch=1)]
+    assert same[0].shard_order != train_plans(2, 8, 2, epoch=2)[0].shard_order
+
+
+def test_window_order_is_a_deterministic_permutation():
+    plan = train_plans(1, 4, 1)[0]
+    order = plan.window_order(0, 3, 8)
+    assert sorted(order) == list(range(8))
+    assert order == plan.window_order(0, 3, 8)
+    assert order != plan.window_order(0, 4, 8)
+    assert order != list(range(8))
+    unshuffled = plan_eval(SHARDS, rank=0, world_size=1, batch_size=4, num_streams=1)
+    assert unshuffled.window_order(0, 3, 8) == list(range(8))
+
+
+@pytest.mark.parametrize("world,batch,streams", [(1, 10, 1), (3, 4, 2), (5, 7, 3), (200, 4, 2)])
+def test_eval_covers_every_sample_exactly_once(world, batch, streams):
+    plans = [plan_eval(SHARDS, rank=r, world_size=world, batch_size=batch, num_streams=streams)
+             for r in range(world)]
+    seen = [pos for p in plans for pos in positions(p)]
+    assert sorted(seen) == sorted((s, i) for s, n in enumerate(SHARDS) for i in range(n))
+    assert max(p.num_samples for p in plans) - min(p.num_samples for p in plans) <= 1
+
+
+def test_too_small_a_data_set_for_the_cluster_is_refused_with_numbers():
+    with pytest.raises(DataError, match=r"91 samples.*world_size=8.*batch_size=16"):
+        plan_train_epoch(SHARDS, rank=0, world_size=8, batch_size=16, num_streams=1, seed=0,
+                         epoch=0, shuffle_window=1)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"rank": 2, "world_size": 2}, "rank=2"),
+                                          ({"batch_size": 0}, "batch_size=0"),
+                                          ({"world_size": 0, "rank": 0}, "world_size=0")])
+def test_bad_arguments_are_named(kwargs, match):
+    args = {"rank": 0, "world_size": 1, "batch_size": 4, "num_streams": 1, "seed": 0,
+            "epoch": 0, "shuffle_window": 1, **kwargs}
+    with pytest.raises(DataError, match=match):
+        plan_train_epoch(SHARDS, **args)
