@@ -3,7 +3,7 @@
 Pretraining model, presets, downstream backbone and checkpoint import/export.
 """
 
-from .backbone import ConvMAEBackbone, PretrainLoadReport, layer_id_for
+from .backbone import ConvMAEBackbone, PretrainLoadReport, encoder_embedding, layer_id_for
 from .checkpoint import (
     CheckpointMismatchError,
     convert_official_state_dict,
@@ -45,6 +45,7 @@ __all__ = [
     "convmae_large",
     "convmae_small",
     "convmae_tiny",
+    "encoder_embedding",
     "export_official_state_dict",
     "get_config",
     "layer_id_for",

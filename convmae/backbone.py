@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .blocks import TRANSFORMER_NORM_EPS, Pointwise
 from .checkpoint import (
@@ -208,3 +209,23 @@ class ConvMAEBackbone(nn.Module):
         backbone = cls(cfg, **kwargs)
         backbone.load_pretrain_state_dict(state)
         return backbone
+
+
+def encoder_embedding(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Pooled encoder features (B, C3) of unmasked images, e.g. for k-NN or linear-probe checks.
+
+    For a ``ConvMAEBackbone`` this is its 'pooled' output. For a pretraining ``ConvMAE`` it is
+    what ``ConvMAEBackbone.from_pretrained(model)`` would return before any fine-tuning: the
+    mean of the stage-3 tokens, layer-normalised without affine parameters (the backbone's fresh
+    ``fc_norm``). Wrappers exposing ``.module`` (DDP, DeepSpeed engines) are unwrapped.
+    """
+    while not isinstance(model, (ConvMAE, ConvMAEBackbone)) and hasattr(model, "module"):
+        model = model.module
+    if isinstance(model, ConvMAEBackbone):
+        return model.forward_features(images)["pooled"]
+    if not isinstance(model, ConvMAE):
+        raise TypeError(f"expected a ConvMAE or ConvMAEBackbone, got {type(model).__name__}")
+    images = images.to(model.encoder.stage1_embed.proj.weight.dtype)
+    _, _, tokens = model.encoder.forward_features(images)
+    pooled = tokens.mean(dim=1)
+    return F.layer_norm(pooled, pooled.shape[-1:], eps=TRANSFORMER_NORM_EPS)

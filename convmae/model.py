@@ -99,7 +99,8 @@ class ConvMAE(nn.Module):
         """Returns (loss, pred (B, L, p*p*Cin), mask (B, L) with 1 = masked)."""
         if block_mask is None:
             block_mask = self.random_mask(imgs, mask_ratio, generator)
-        latent = self.forward_encoder(imgs, block_mask)
+        # Inputs follow the weights' dtype (e.g. bf16 engines); the loss target keeps full precision.
+        latent = self.forward_encoder(imgs.to(self.encoder.stage1_embed.proj.weight.dtype), block_mask)
         pred = self.forward_decoder(latent, block_mask)
         loss = self.forward_loss(imgs, pred, block_mask.mask)
         return loss, pred, block_mask.mask

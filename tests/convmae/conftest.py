@@ -4,6 +4,15 @@ import torch
 import convmae
 
 
+@pytest.fixture(autouse=True)
+def single_cpu_thread():
+    """Tiny models run faster on one thread, and the shared 2-core CI box stays responsive."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_model():
     """convmae_tiny at 64x64 (a 4x4 token grid), deterministic weights, eval mode."""

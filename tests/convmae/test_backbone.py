@@ -105,3 +105,21 @@ def test_drop_path_rates_span_all_encoder_blocks():
     blocks = [*backbone.encoder.stage1_blocks, *backbone.encoder.stage2_blocks, *backbone.encoder.stage3_blocks]
     rates = [b.drop_path.drop_prob for b in blocks]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2) and rates == sorted(rates)
+
+
+def test_encoder_embedding_matches_a_fresh_backbone(tiny_model, images):
+    model = tiny_model()
+    x = images(batch=3)
+    backbone = ConvMAEBackbone.from_pretrained(model).eval()
+    with torch.no_grad():
+        embedding = convmae.encoder_embedding(model, x)
+        assert torch.allclose(embedding, backbone(x), atol=1e-5)
+        assert torch.equal(convmae.encoder_embedding(backbone, x), backbone(x))
+
+        class Wrapper(torch.nn.Module):  # DDP / DeepSpeed engines expose the model as .module
+            def __init__(self, module):
+                super().__init__()
+                self.module = module
+
+        assert torch.equal(convmae.encoder_embedding(Wrapper(model), x), embedding)
+    assert embedding.shape == (3, model.config.embed_dims[2])

@@ -160,3 +160,13 @@ def test_drop_path_rate_trains(images):
     loss, _, _ = model(images(batch=2))
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_runs_with_bf16_weights(tiny_model, images):
+    """Engines that cast the module to bf16 (no autocast) feed float32 or bf16 images."""
+    model = tiny_model().to(torch.bfloat16)
+    x = images(batch=2)
+    loss, pred, _ = model(x, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and pred.dtype == torch.bfloat16
+    assert model.decoder.pred.weight.grad is not None
