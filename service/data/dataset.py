@@ -163,6 +163,9 @@ def open_dataset(url: str, cfg: DataConfig) -> ShardDataset:
     shown = redact_url(url)
     options = storage_options(cfg) if protocol_of(url) in S3_PROTOCOLS else {}
     fs, root = filesystem(url, options)
+    # Listings are cached per filesystem instance; a data set finished by another process
+    # since the last look must not appear incomplete.
+    fs.invalidate_cache(root)
     manifest_path = posixpath.join(root, MANIFEST_NAME)
     try:
         # botocore already retries connection errors and 5xx answers for single requests.

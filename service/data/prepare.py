@@ -19,6 +19,7 @@ from typing import Any
 
 import fsspec
 
+from service.config import DataConfig
 from service.data.errors import DataError
 from service.data.manifest import (
     MANIFEST_NAME,
@@ -31,6 +32,7 @@ from service.data.manifest import (
 from service.data.shards import ShardWriter, sample_tar_bytes
 from service.data.sources import ImageSource, open_source, read_all
 from service.data.storage import filesystem, is_local, redact_url, retrying
+from service.data.storage import storage_options as default_storage_options
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,12 @@ def prepare_dataset(src: str, dest: str, *, shard_bytes: int = DEFAULT_SHARD_BYT
                     overwrite: bool = False, max_retries: int = 5) -> dict[str, Any]:
     """Packs the image folder or archive at ``src`` into a shard data set at ``dest``.
 
-    ``storage_options`` (e.g. from :func:`service.data.storage_options`) apply to remote
-    URLs. Shards close at ``shard_bytes`` (or ``samples_per_shard`` samples, if given).
+    ``storage_options`` apply to remote URLs; None: :func:`service.data.storage_options` of
+    a default config, i.e. the AWS_* environment variables. Shards close at ``shard_bytes`` (or ``samples_per_shard`` samples, if given).
     ``shuffle_seed=None`` keeps the source order. Returns the manifest as a dict.
     """
+    if storage_options is None:
+        storage_options = default_storage_options(DataConfig())
     source = open_source(src, storage_options, shuffle_seed)
     try:
         return write_dataset(source, dest, shard_bytes=shard_bytes,
@@ -71,6 +75,7 @@ def write_dataset(source: ImageSource, dest: str, *, shard_bytes: int = DEFAULT_
     fs, root = filesystem(dest, storage_options)
     shown = redact_url(dest)
     fs.makedirs(root, exist_ok=True)
+    fs.invalidate_cache(root)
     total = len(source.images)
     if overwrite:
         _remove_ours(fs, root, keep_below=0)
