@@ -106,7 +106,7 @@ def test_gpu_image_prebuilds_deepspeed_ops():
     # No GPU during docker build: without DS_ACCELERATOR DeepSpeed builds the CPU op set.
     for setting in ("DS_ACCELERATOR=cuda", "DS_BUILD_OPS=0", "DS_BUILD_FUSED_ADAM=1"):
         assert setting in env, setting
-    assert "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}" in env
+    assert 'TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}"' in env
     runs = " ".join(i.args for i in stage.instructions if i.keyword == "RUN")
     assert "--no-build-isolation" in runs and "--no-binary deepspeed" in runs
     # The runtime stage proves the ops were compiled in, at build time.
