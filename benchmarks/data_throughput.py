@@ -1,0 +1,158 @@
+"""Data pipeline throughput: images/s from local disk and from an S3-compatible server.
+
+    python benchmarks/data_throughput.py                      # 2000 ImageNet-sized JPEGs
+    python benchmarks/data_throughput.py --images 500 --max-workers 4 --img-size 224
+
+Generates synthetic photo-like JPEGs (default 500x375, like ImageNet's average), packs them
+with prepare_dataset into a local directory and into a bucket on a moto S3 server on loopback,
+then reads one training epoch per setting and prints images/s for 0 (in-process) and 1..N
+DataLoader workers, plus the raw shard read rate without decoding. Compare the figures with
+the model's images/s per GPU to know whether the loader keeps up. The moto server is a pure
+Python server in this same process, so S3 figures are a lower bound for a real object store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+try:
+    import service  # noqa: F401
+except ImportError:  # a checkout that is not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from service.config import DataConfig  # noqa: E402
+from service.data import build_train_loader, open_dataset, storage_options  # noqa: E402
+from service.data.prepare import prepare_dataset  # noqa: E402
+
+
+def photo_like_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
+    """Smooth colour fields plus sensor-like noise: compresses like a real photo."""
+    coarse = Image.fromarray(rng.integers(0, 256, (height // 24 + 2, width // 24 + 2, 3),
+                                          dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), np.float32)
+    noisy = np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noisy).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_images(root: Path, count: int, size: tuple[int, int], classes: int = 10) -> int:
+    rng = np.random.default_rng(0)
+    total = 0
+    for i in range(count):
+        folder = root / f"class_{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        data = photo_like_jpeg(rng, *size)
+        (folder / f"img_{i:06d}.jpg").write_bytes(data)
+        total += len(data)
+    return total
+
+
+def read_raw(url: str, cfg: DataConfig) -> tuple[float, float]:
+    """(images/s, MB/s) streaming every shard without decoding."""
+    dataset = open_dataset(url, cfg)
+    started, count, nbytes = time.perf_counter(), 0, 0
+    for shard, size in enumerate(dataset.shard_sizes):
+        for sample in dataset.read(shard, 0, size):
+            count += 1
+            nbytes += len(sample.image or b"")
+    seconds = time.perf_counter() - started
+    return count / seconds, nbytes / seconds / 2**20
+
+
+def read_epoch(cfg: DataConfig, img_size: int, batch_size: int) -> tuple[float, float, float]:
+    """(images/s over the epoch, images/s after the first batch, seconds to the first batch)."""
+    loader = build_train_loader(cfg, img_size=img_size, batch_size=batch_size, rank=0,
+                                world_size=1, seed=0, epoch=0)
+    started = time.perf_counter()
+    first_at, count = None, 0
+    for batch in loader:
+        if first_at is None:
+            first_at = time.perf_counter()
+        count += batch["images"].shape[0]
+    ended = time.perf_counter()
+    first_at = first_at or ended
+    steady = (count - batch_size) / max(ended - first_at, 1e-9)
+    return count / (ended - started), steady, first_at - started
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--source-size", default="500x375", help="WIDTHxHEIGHT of the JPEGs")
+    parser.add_argument("--img-size", type=int, default=224, help="training crop size")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--shard-size", type=int, default=16 * 2**20, help="bytes per shard")
+    parser.add_argument("--skip-s3", action="store_true")
+    args = parser.parse_args(argv)
+    size = tuple(int(v) for v in args.source_size.lower().split("x"))
+
+    with tempfile.TemporaryDirectory(prefix="convmae-bench-") as tmp:
+        tmp_path = Path(tmp)
+        started = time.perf_counter()
+        nbytes = write_images(tmp_path / "src", args.images, size)  # type: ignore[arg-type]
+        print(f"generated {args.images} JPEGs of {size[0]}x{size[1]} "
+              f"({nbytes / args.images / 1024:.0f} KB each) in {time.perf_counter() - started:.1f}s")
+
+        targets = {"disk": str(tmp_path / "shards")}
+        server = None
+        if not args.skip_s3:
+            server, endpoint = start_s3()
+            targets["s3"] = "s3://bench/shards"
+        rows = []
+        try:
+            for source, url in targets.items():
+                cfg = DataConfig(url=url, shuffle_buffer=256)
+                started = time.perf_counter()
+                prepare_dataset(str(tmp_path / "src"), url, shard_bytes=args.shard_size,
+                                storage_options=storage_options(cfg))
+                prep = args.images / (time.perf_counter() - started)
+                print(f"{source}: prepare_dataset packed {prep:.0f} images/s")
+                raw_images, raw_mb = read_raw(url, cfg)
+                rows.append((source, "raw read, no decode", raw_images, raw_images, 0.0, raw_mb))
+                for workers in range(0, args.max_workers + 1):
+                    cfg = DataConfig(url=url, loader_workers=workers, shuffle_buffer=256)
+                    rate, steady, first = read_epoch(cfg, args.img_size, args.batch_size)
+                    rows.append((source, f"{workers} workers", rate, steady, first, None))
+        finally:
+            if server is not None:
+                server.stop()
+
+    print(f"\nimg_size={args.img_size} batch_size={args.batch_size} cpus={os.cpu_count()} "
+          f"torch threads={__import__('torch').get_num_threads()}")
+    print(f"{'source':<7} {'setting':<20} {'images/s':>9} {'steady':>9} {'1st batch':>10} {'MB/s':>7}")
+    for source, setting, rate, steady, first, mb in rows:
+        mb_text = f"{mb:7.1f}" if mb is not None else f"{'':>7}"
+        print(f"{source:<7} {setting:<20} {rate:9.0f} {steady:9.0f} {first:9.2f}s {mb_text}")
+
+
+def start_s3():
+    """A moto S3 server on a free loopback port, with the AWS_* variables pointing at it."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    return server, endpoint
+
+
+if __name__ == "__main__":
+    main()
