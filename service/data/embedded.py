@@ -39,7 +39,8 @@ def resolve_data_urls(cfg: DataConfig) -> tuple[str, str | None]:
     (generated on first use) when ``cfg.url`` is empty."""
     if cfg.url:
         return cfg.url, cfg.val_url or None
-    root = ensure_digits(Path(cfg.embedded_dir))
+    # Absolute, so the URLs stay valid in processes with another working directory.
+    root = ensure_digits(Path(cfg.embedded_dir)).resolve()
     return str(root / "train"), cfg.val_url or str(root / "val")
 
 
