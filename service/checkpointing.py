@@ -81,7 +81,8 @@ def consolidated_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     """The full fp32 model weights from a (possibly ZeRO-sharded) checkpoint folder."""
     folder = Path(folder)
     tag_dir = folder / DS_TAG
-    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    # ZeRO-3 names them zero_pp_rank_R_mp_rank_00_model_states.pt, other stages mp_rank_00_...
+    files = sorted(tag_dir.glob("*mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"no DeepSpeed model states under {tag_dir}")
     # Our own checkpoint (trusted): DeepSpeed pickles its config and shapes beside the tensors.
@@ -90,7 +91,12 @@ def consolidated_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     if stage > 0:  # fp32 master weights are spread over the ranks' optimizer shards
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
+        state = dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG))
+        # ZeRO-1 does not record frozen parameters (our fixed sin-cos position embeddings) in
+        # its optimizer shards; below ZeRO-3 the module states hold them whole.
+        for key, value in model_states["module"].items():
+            if key not in state and value.numel() > 0:
+                state[key] = value
     else:
         state = model_states["module"]
     return {k: v.float().contiguous() for k, v in state.items()}

@@ -21,7 +21,7 @@ class ConvMAEPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model = load_pretrained(context.artifacts["convmae"]).eval()
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):  # untyped: MLflow infers no schema from it
         import torch
 
         from convmae import encoder_embedding

@@ -103,7 +103,7 @@ def run_pretraining(
     from service.train_loop import train_worker
 
     cfg.validate()
-    train_url, val_url = data_lib.resolve_data_urls(cfg.data)
+    train_url, val_url = (_absolute(u) for u in data_lib.resolve_data_urls(cfg.data))
     train_set = data_lib.open_dataset(train_url, cfg.data)  # a missing bucket fails here, not in a worker
     if val_url:
         data_lib.open_dataset(val_url, cfg.data)
@@ -147,6 +147,7 @@ def run_pretraining(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
             callbacks=callbacks,
+            worker_runtime_env=_worker_env(),
         ),
     )
     log.info("launching %d %s worker(s); checkpoints under %s; MLflow %s run %s",
@@ -170,6 +171,25 @@ def run_pretraining(
         registered_uri=registered_uri,
         model_uri=model_uri,
     )
+
+
+def _absolute(url: str | None) -> str | None:
+    """Workers run in other directories: local data paths must be absolute."""
+    if not url or ("://" in url and not url.startswith("file://")):
+        return url
+    return str(Path(url.removeprefix("file://")).resolve())
+
+
+def _worker_env() -> dict[str, Any] | None:
+    """Forwards the driver's chaos-testing and MLflow client settings to the workers."""
+    import os
+
+    keys = [k for k in os.environ if k.startswith(("CONVMAE_", "MLFLOW_HTTP_", "AWS_"))]
+    env = {k: os.environ[k] for k in keys}
+    # A local cluster started from a checkout: let workers import this checkout's packages.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {"env_vars": env}
 
 
 def _commit() -> str:

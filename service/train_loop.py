@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -46,10 +47,11 @@ def _configure_logging() -> None:
     if not logging.getLogger("convmae").handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
-        logging.getLogger("convmae").addHandler(handler)
-        logging.getLogger("convmae").setLevel(logging.INFO)
-        logging.getLogger("service").addHandler(handler)
-        logging.getLogger("service").setLevel(logging.INFO)
+        for name in ("convmae", "service"):
+            logger = logging.getLogger(name)
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False  # Ray's worker log capture would print each line twice
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -81,9 +83,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if is_chief and state.optimizer_step == 0:
         tracker.log_dict(ds_config, "deepspeed_config.json")
 
+    # The driver resolved the URLs (absolute, embedded set generated); workers must not redo it
+    # relative to their own working directory.
+    data_cfg = dataclasses.replace(cfg.data, url=train_url, val_url=val_url or "")
+
     def loader_for(epoch: int, resume_state: dict | None):
         return data_lib.build_train_loader(
-            cfg.data, img_size=m.img_size, batch_size=t.batch_size_per_worker, rank=ctx.rank,
+            data_cfg, img_size=m.img_size, batch_size=t.batch_size_per_worker, rank=ctx.rank,
             world_size=ctx.world_size, seed=t.seed, epoch=epoch, resume_state=resume_state,
         )
 
