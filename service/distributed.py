@@ -134,31 +134,65 @@ def worker_context() -> WorkerContext:
     return WorkerContext(rank=rank, world_size=world, local_rank=local, device=device)
 
 
+def _decays(model: torch.nn.Module) -> Any:
+    """``(name, param) -> bool``: no decay on norms, biases, position embeddings, mask tokens."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    return lambda name, p: not (p.ndim <= 1 or name in skip or name.endswith(".bias"))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no decay on norms, biases, position embeddings and mask tokens."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decays = _decays(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name in skip or name.endswith(".bias"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        (decay if decays(name, p) else no_decay).append(p)
     return [
         {"params": no_decay, "weight_decay": 0.0},
         {"params": decay, "weight_decay": weight_decay},
     ]
 
 
-def build_engine(model: torch.nn.Module, cfg: PretrainConfig, ds_config: dict[str, Any], lr: float):
-    """A DeepSpeed engine over ``model``; the process group is the one Ray Train set up."""
+def layer_decay_param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+    """Fine-tuning groups with layer-wise lr decay (BEiT/MAE/ConvMAE ``param_groups_lrd``).
+
+    ``model`` is a ``ConvMAEBackbone``: parameter ``name`` sits at layer
+    ``model.layer_groups()[name]`` (0 = conv stages and embeddings, i = transformer block i - 1,
+    ``num_layers`` = head) and its lr is scaled by ``layer_decay ** (num_layers - layer)``,
+    recorded as the group's ``lr_scale``: whoever sets the lr multiplies by it. Weight decay
+    follows ``param_groups``.
+    """
+    num_layers = model.num_layers
+    layer_of = model.layer_groups()
+    decays = _decays(model)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer, decay = layer_of[name], decays(name, p)
+        group = groups.setdefault((layer, decay), {
+            "params": [], "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": layer_decay ** (num_layers - layer),
+        })
+        group["params"].append(p)
+    return [groups[key] for key in sorted(groups)]
+
+
+def build_engine(model: torch.nn.Module, cfg: PretrainConfig, ds_config: dict[str, Any], lr: float,
+                 groups: list[dict[str, Any]] | None = None):
+    """A DeepSpeed engine over ``model``; the process group is the one Ray Train set up.
+
+    ``groups``: the optimizer's parameter groups (default ``param_groups``); fine-tuning passes
+    ``layer_decay_param_groups``. ``cfg`` needs ``train.weight_decay`` and ``train.betas``.
+    """
     import deepspeed
 
     if not torch.distributed.is_initialized():
         # Single process outside Ray Train (a benchmark or notebook).
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    groups = param_groups(model, cfg.train.weight_decay)
+    if groups is None:
+        groups = param_groups(model, cfg.train.weight_decay)
     if "optimizer" in ds_config:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     else:

@@ -41,3 +41,23 @@ def test_no_weight_decay_on_norms_biases_and_position_embeddings():
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
     assert len(decay["params"]) == 1 and decay["params"][0].shape == (8, 8)  # only proj.weight
     assert len(no_decay["params"]) == 4  # pos_embed, proj.bias, norm.weight, norm.bias
+
+
+def test_layer_decay_groups_scale_lr_by_depth_as_the_official_recipe():
+    from convmae import ConvMAEBackbone, get_config
+    from service.distributed import layer_decay_param_groups
+
+    model = ConvMAEBackbone(get_config("convmae_tiny", img_size=32), num_classes=10)  # 2 blocks -> 3 layers
+    groups = layer_decay_param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(by_param) == len(named)  # every trainable parameter in exactly one group
+    scale = {name: by_param[id(p)]["lr_scale"] for name, p in named.items()}
+    decay = {name: by_param[id(p)]["weight_decay"] for name, p in named.items()}
+    # layer 0 (convs, embeddings): 0.5^3; block i: 0.5^(3 - (i + 1)); head and fc_norm: 1.
+    assert scale["encoder.stage1_embed.proj.weight"] == scale["encoder.pos_embed"] == 0.125
+    assert scale["encoder.stage3_blocks.0.attn.qkv.weight"] == 0.25
+    assert scale["encoder.stage3_blocks.1.mlp.fc1.weight"] == 0.5
+    assert scale["head.weight"] == scale["fc_norm.weight"] == 1.0
+    assert decay["head.weight"] == 0.05 and decay["head.bias"] == 0.0
+    assert decay["encoder.pos_embed"] == 0.0 and decay["encoder.stage3_blocks.0.norm1.weight"] == 0.0
