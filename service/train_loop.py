@@ -227,13 +227,10 @@ def _memory_metrics(device: torch.device) -> dict[str, float]:
         return {}
 
 
-@torch.no_grad()
 def _reconstruction_forward(module: torch.nn.Module, images: torch.Tensor, cfg: PretrainConfig):
-    was_training = module.training
-    module.eval()
-    out = module(images, mask_ratio=cfg.train.eval_mask_ratio, generator=torch.Generator().manual_seed(cfg.train.seed))
-    module.train(was_training)
-    return out
+    from service.visualize import masked_prediction
+
+    return masked_prediction(module, images, mask_ratio=cfg.train.eval_mask_ratio, seed=cfg.train.seed)
 
 
 def _log_reconstructions(module, images, outputs, tracker: Tracker, step: int) -> None:

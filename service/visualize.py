@@ -1,4 +1,10 @@
-"""Reconstruction grids: original | masked | reconstruction | reconstruction + visible patches."""
+"""Reconstruction grids: original | masked | reconstruction | reconstruction + visible patches.
+
+One code path for every picture: the pretraining loop (MLflow images every
+``mlflow.recon_every_epochs``) and ``jobs/reconstruct.py`` both run ``masked_prediction`` and
+draw with ``reconstruction_grid``, which undoes ``norm_pix_loss`` (``convmae.reconstruct``)
+and the data's ImageNet normalisation.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +34,27 @@ def reconstruction_panels(model_config: Any, images: torch.Tensor, pred: torch.T
     out = reconstruct(model_config, images, pred, mask)
     return {"original": images, "masked": out["masked"], "reconstruction": out["reconstruction"],
             "pasted": out["pasted"]}
+
+
+@torch.no_grad()
+def masked_prediction(
+    module: torch.nn.Module, images: torch.Tensor, *, mask_ratio: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, pred (B, L, p*p*3), mask (B, L)) in eval mode with masks seeded by ``seed``."""
+    was_training = module.training
+    module.eval()
+    out = module(images, mask_ratio=mask_ratio, generator=torch.Generator().manual_seed(seed))
+    module.train(was_training)
+    return out
+
+
+def render_reconstructions(
+    model: torch.nn.Module, images: torch.Tensor, *, mask_ratio: float = 0.75, seed: int = 0, scale: int = 1
+) -> Image.Image:
+    """The grid of ``images`` (B, 3, H, W), normalised as the data loaders give them."""
+    _, pred, mask = masked_prediction(model, images, mask_ratio=mask_ratio, seed=seed)
+    return reconstruction_grid(model.config, images.float().cpu(), pred.float().cpu(), mask.float().cpu(),
+                               scale=scale)
 
 
 def reconstruction_grid(
