@@ -1,5 +1,6 @@
 import argparse
 import io
+import json
 import pathlib
 
 import pytest
@@ -191,6 +192,23 @@ def test_save_and_load_pretrained(tmp_path, tiny_model, images):
         assert torch.equal(a, b)
     backbone = convmae.ConvMAEBackbone.from_pretrained(tmp_path / "run")
     assert backbone.config == model.config
+
+
+def test_save_and_load_a_fine_tuned_backbone_with_its_head(tmp_path, tiny_model, images):
+    torch.manual_seed(1)
+    classifier = convmae.ConvMAEBackbone.from_pretrained(tiny_model(img_size=32), num_classes=7).eval()
+    torch.nn.init.normal_(classifier.head.weight)  # a trained head, not the near-zero init
+    convmae.save_pretrained(classifier, tmp_path / "clf")
+    meta = json.loads((tmp_path / "clf" / "config.json").read_text())
+    assert meta["architecture"] == "backbone" and meta["num_classes"] == 7 and meta["global_pool"] is True
+    loaded = convmae.load_pretrained(tmp_path / "clf").eval()
+    assert isinstance(loaded, convmae.ConvMAEBackbone) and loaded.num_classes == 7
+    x = images(batch=2, size=32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), classifier(x))
+    with pytest.raises(ValueError, match="unknown architecture 'detector'"):
+        (tmp_path / "clf" / "config.json").write_text(json.dumps({**meta, "architecture": "detector"}))
+        convmae.load_pretrained(tmp_path / "clf")
 
 
 def test_load_pretrained_with_wrong_config_names_keys(tmp_path, tiny_model):
