@@ -13,17 +13,6 @@ from service.pretrain import run_pretraining
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="session")
-def digits_dir(tmp_path_factory):
-    """The embedded labeled data set, generated once for the session."""
-    from service.config import DataConfig
-    from service.data import resolve_data_urls
-
-    root = tmp_path_factory.mktemp("embedded")
-    resolve_data_urls(DataConfig(embedded_dir=str(root)))
-    return root
-
-
 def tiny_config(tmp_path, digits_dir, **overrides) -> PretrainConfig:
     base = {
         "run_name": "tiny",

@@ -1,0 +1,159 @@
+"""Loading a model by --model: official checkpoints by file://, HTTP and S3 URLs, MLflow
+models:/ and runs:/ URIs from a real tracking server, folders, and random baselines."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import threading
+import uuid
+
+import pytest
+import torch
+
+import convmae
+from service.model_source import ModelSourceError, infer_config, load_model_source
+
+
+def tiny(seed: int = 0, **overrides) -> convmae.ConvMAE:
+    torch.manual_seed(seed)
+    return convmae.build_model("convmae_tiny", img_size=32, **overrides).eval()
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def official_checkpoint(model: torch.nn.Module, path) -> None:
+    """What the official training scripts save: {'model': official names, 'args': Namespace, ...}."""
+    state = convmae.export_official_state_dict(model)
+    torch.save({"model": state, "args": argparse.Namespace(model="convvit"), "epoch": 1599}, path)
+
+
+@pytest.fixture(scope="module")
+def http_root(tmp_path_factory):
+    """A loopback HTTP server over a temporary folder; yields (folder, base URL)."""
+    root = tmp_path_factory.mktemp("http")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_official_pretraining_checkpoint_by_path_and_file_url(tmp_path):
+    source_model = tiny()
+    official_checkpoint(source_model, tmp_path / "convmae_pretrain.pth")
+    for uri in (str(tmp_path / "convmae_pretrain.pth"), (tmp_path / "convmae_pretrain.pth").as_uri()):
+        loaded = load_model_source(uri)
+        assert loaded.kind == "official" and loaded.preset == "convmae_tiny" and loaded.is_pretraining_model
+        assert loaded.config.img_size == 32 and loaded.run_id is None
+        assert same_weights(loaded.model, source_model)
+    x = torch.randn(2, 3, 32, 32)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x, generator=gen())[1], source_model(x, generator=gen())[1])
+
+
+def test_official_checkpoint_over_http(http_root):
+    root, base = http_root
+    source_model = tiny(seed=1)
+    official_checkpoint(source_model, root / "pretrain.pth")
+    loaded = load_model_source(f"{base}/pretrain.pth")
+    assert loaded.kind == "official" and same_weights(loaded.model, source_model)
+    with pytest.raises(ModelSourceError, match="no such file or folder"):
+        load_model_source(f"{base}/missing.pth")
+
+
+def test_official_checkpoint_from_s3(s3_bucket):
+    import fsspec
+
+    source_model = tiny(seed=2)
+    with fsspec.open(f"{s3_bucket}/ckpt/convmae_base.pth", "wb") as f:
+        official_checkpoint(source_model, f)
+    from service.config import DataConfig
+    from service.data import storage_options
+
+    loaded = load_model_source(f"{s3_bucket}/ckpt/convmae_base.pth", storage_options=storage_options(DataConfig()))
+    assert loaded.kind == "official" and same_weights(loaded.model, source_model)
+
+
+def test_official_fine_tuned_convvit_becomes_a_classifier(tmp_path):
+    classifier = convmae.ConvMAEBackbone.from_pretrained(tiny(), num_classes=5).eval()
+    torch.nn.init.normal_(classifier.head.weight)
+    official_checkpoint(classifier, tmp_path / "convvit_finetuned.pth")
+    loaded = load_model_source(str(tmp_path / "convvit_finetuned.pth"))
+    assert isinstance(loaded.model, convmae.ConvMAEBackbone) and not loaded.is_pretraining_model
+    assert loaded.model.num_classes == 5
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), classifier(x))
+
+
+def test_pickled_objects_are_refused_and_bad_sources_are_named(tmp_path):
+    torch.save({"model": convmae.export_official_state_dict(tiny()), "hook": uuid.UUID(int=1)},
+               tmp_path / "evil.pth")
+    with pytest.raises(ModelSourceError, match="never unpickle"):
+        load_model_source(str(tmp_path / "evil.pth"))
+    with pytest.raises(ModelSourceError, match="no such file or folder"):
+        load_model_source(str(tmp_path / "nope.pth"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelSourceError, match="neither a save_pretrained model"):
+        load_model_source(str(tmp_path / "empty"))
+    with pytest.raises(ModelSourceError, match="unknown preset 'convmae_tny'"):
+        load_model_source("random:convmae_tny")
+    with pytest.raises(ModelSourceError, match="match preset 'convmae_base'"):
+        infer_config(tiny().state_dict(), preset="convmae_base")
+
+
+def test_save_pretrained_folder_and_random_baselines(tmp_path):
+    model = tiny(seed=3, norm_pix_loss=False)
+    convmae.save_pretrained(model, tmp_path / "m")
+    loaded = load_model_source(str(tmp_path / "m"))
+    assert loaded.kind == "pretrained_dir" and same_weights(loaded.model, model)
+    assert loaded.config.norm_pix_loss is False  # from config.json, not guessed
+    # random:PRESET:IMG_SIZE with seed s is exactly a pretraining run's starting point.
+    baseline = load_model_source("random:convmae_tiny:32", seed=3)
+    assert baseline.kind == "random" and baseline.config.img_size == 32
+    assert same_weights(baseline.model, tiny(seed=3))
+    assert load_model_source("random:convmae_tiny").config.img_size == convmae.convmae_tiny().img_size
+
+
+# ---------------------------------------------------------------- MLflow
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_server, tmp_path_factory):
+    """A tiny model logged to a run and registered on the real server, version 1 aliased."""
+    from mlflow import MlflowClient
+
+    from service.registry import log_and_register
+    from service.tracking import ensure_experiment
+
+    model = tiny(seed=4)
+    folder = convmae.save_pretrained(model, tmp_path_factory.mktemp("reg") / "convmae")
+    client = MlflowClient(mlflow_server)
+    run_id = client.create_run(ensure_experiment(client, mlflow_server, "model-source-tests")).info.run_id
+    name = f"tiny-{uuid.uuid4().hex[:8]}"
+    out = log_and_register(folder, tracking_uri=mlflow_server, run_id=run_id, registered_name=name)
+    client.set_registered_model_alias(name, "champion", out["version"])
+    return {"name": name, "run_id": run_id, "model": model, "version": out["version"]}
+
+
+@pytest.mark.parametrize("suffix", ["/1", "@champion", "/latest"])
+def test_registered_model_by_models_uri_knows_its_run(mlflow_server, registered, suffix):
+    loaded = load_model_source(f"models:/{registered['name']}{suffix}", tracking_uri=mlflow_server)
+    assert loaded.kind == "mlflow" and loaded.run_id == registered["run_id"]
+    assert loaded.tracking_uri == mlflow_server
+    assert same_weights(loaded.model, registered["model"])
+
+
+def test_runs_uri_and_unknown_models(mlflow_server, registered):
+    loaded = load_model_source(f"runs:/{registered['run_id']}/model", tracking_uri=mlflow_server)
+    assert loaded.run_id == registered["run_id"] and same_weights(loaded.model, registered["model"])
+    with pytest.raises(ModelSourceError, match="cannot provide it"):
+        load_model_source(f"models:/{registered['name']}@no-such-alias", tracking_uri=mlflow_server)
