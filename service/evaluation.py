@@ -5,6 +5,8 @@ so sweeps and the evaluate job compare:
 - ``val/recon_loss``: reconstruction loss on a held-out split at one fixed mask ratio, with
   fixed, seeded masks;
 - ``val/knn_top1``: k-NN top-1 accuracy of the encoder's pooled features (labeled data only).
+
+Fine-tuned classifiers are scored with ``classification_metrics`` (top-1 and cross-entropy).
 """
 
 from __future__ import annotations
@@ -126,6 +128,39 @@ def extract_features(
     if f.shape[1] != width:  # a worker with no samples: give its empty tensor the right width
         f = torch.zeros(0, width, device=device)
     return distributed.all_gather_tensors(f).cpu(), distributed.all_gather_tensors(y).cpu()
+
+
+@torch.no_grad()
+def classification_metrics(
+    module: torch.nn.Module,
+    batches: Iterable[dict],
+    *,
+    img_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of a classifier over all workers' samples.
+
+    A collective (lockstep forwards, every worker calls it); placeholder labels (-1) are skipped.
+    """
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # (correct, loss sum, count)
+    for batch in lockstep(batches, device):
+        if batch is None:
+            module(_dummy_like(img_size, device, dtype))
+            continue
+        labels = batch["labels"].to(device)
+        logits = module(batch["images"].to(device, dtype=dtype)).float()
+        keep = labels >= 0
+        logits, labels = logits[keep], labels[keep]
+        total += torch.stack([
+            (logits.argmax(dim=1) == labels).sum().double(),
+            F.cross_entropy(logits, labels, reduction="sum").double(),
+            torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+        ])
+    total = distributed.all_reduce_sum(total)
+    if total[2] == 0:
+        return {"top1": float("nan"), "loss": float("nan")}
+    return {"top1": float(total[0] / total[2]), "loss": float(total[1] / total[2])}
 
 
 def pooled_embedding(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -2,9 +2,10 @@
 
 Logging from code (not a pickled object) means loading a registered model never unpickles
 anything: the weights are safetensors and the config is JSON (``convmae.save_pretrained``).
-``mlflow.pyfunc.load_model(uri).predict(images)`` returns the encoder's pooled embeddings of
-``(N, 3, H, W)`` normalised images; ``service.registry.load_model(uri)`` returns the full
-``convmae`` model for fine-tuning and reconstruction.
+``mlflow.pyfunc.load_model(uri).predict(images)`` returns, for ``(N, 3, H, W)`` normalised
+images, the encoder's pooled embeddings (pretrained models) or the class logits (fine-tuned
+classifiers); ``service.registry.load_model(uri)`` returns the full ``convmae`` model for
+fine-tuning and reconstruction.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class ConvMAEPyfunc(mlflow.pyfunc.PythonModel):
 
         images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.no_grad():
+            if getattr(self.model, "num_classes", 0) > 0:  # a fine-tuned classifier
+                return self.model(images).numpy()
             return encoder_embedding(self.model, images).numpy()
 
 

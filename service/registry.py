@@ -27,11 +27,17 @@ def git_commit() -> str:
         return "unknown"
 
 
-def export_checkpoint(checkpoint_dir: str | Path, model_config: dict[str, Any], dest: str | Path) -> Path:
-    """Consolidates a (ZeRO-sharded) checkpoint into fp32 ``convmae.save_pretrained`` form."""
+def export_checkpoint(checkpoint_dir: str | Path, model_config: dict[str, Any], dest: str | Path,
+                      *, model: Any = None) -> Path:
+    """Consolidates a (ZeRO-sharded) checkpoint into fp32 ``convmae.save_pretrained`` form.
+
+    ``model``: the module the checkpoint was trained as, freshly built (e.g. a fine-tuned
+    ``ConvMAEBackbone`` with its head); default a ``ConvMAE`` built from ``model_config``.
+    """
     from convmae import ConvMAEConfig, build_model_from_config, save_pretrained
 
-    model = build_model_from_config(ConvMAEConfig.from_dict(model_config))
+    if model is None:
+        model = build_model_from_config(ConvMAEConfig.from_dict(model_config))
     state = checkpointing.consolidated_state_dict(checkpoint_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -85,7 +91,9 @@ def download_model_dir(uri: str, dest: str | Path | None = None) -> Path:
 
 def load_model(uri: str, *, tracking_uri: str | None = None):
     """A ``convmae`` model from ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/``, or a
-    local ``save_pretrained`` folder."""
+    local ``save_pretrained`` folder: a ``ConvMAE`` for pretrained models, a ``ConvMAEBackbone``
+    with its head for fine-tuned classifiers. (``service.model_source`` takes more kinds of
+    source and also finds the producing run.)"""
     from convmae import load_pretrained
 
     if uri.startswith(("models:/", "runs:/")):

@@ -1,0 +1,291 @@
+"""Fine-tuning driver: a pretrained encoder in, a trained and registered classifier out.
+
+End-to-end classification fine-tuning as in the paper (ConvMAE ``FINETUNE.md``): the encoder
+plus a fresh linear head on the pooled tokens, AdamW with layer-wise lr decay, drop path,
+Mixup/CutMix and label smoothing, linear warmup then cosine decay. It runs like pretraining:
+Ray Train ``TorchTrainer`` workers (``service.finetune_loop``) with a DeepSpeed ZeRO engine,
+checkpoints through ``ray.train.report`` (resumable), an MLflow run with params and metrics,
+and at the end the consolidated classifier is logged and registered (``models:/`` loads it as
+a ``ConvMAEBackbone`` with its head).
+
+Not implemented from the recipe: RandAugment and random erasing (the data layer's
+RandomResizedCrop + flip is the only augmentation); see README.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service import distributed
+from service.config import (
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    DistributedConfig,
+    MLflowConfig,
+    _check,
+    flatten,
+    to_dict,
+)
+from service.model_source import DEFAULT_MODEL
+from service.tracking import Tracker, resolve_tracking_uri
+
+log = logging.getLogger("convmae.finetune")
+
+
+@dataclass(frozen=True)
+class FinetuneTrainConfig:
+    # Paper recipe (ConvMAE-B on ImageNet: 100 epochs, 5 warmup) scaled to a short CPU run;
+    # jobs/configs/finetune_base_in1k.yaml has the full recipe.
+    epochs: int = 10
+    batch_size_per_worker: int = 32
+    blr: float = 5e-4  # lr = blr * effective_batch / 256
+    lr: float | None = None  # absolute lr; overrides blr when set
+    min_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = 0.65  # lr of layer l is scaled by layer_decay ** (num_layers - l)
+    mixup: float = 0.8  # Mixup alpha; 0 turns it off
+    cutmix: float = 1.0  # CutMix alpha; 0 turns it off
+    mixup_prob: float = 1.0  # probability that a batch is mixed
+    mixup_switch_prob: float = 0.5  # CutMix instead of Mixup, when both are on
+    label_smoothing: float = 0.1
+    grad_accum_steps: int = 1
+    clip_grad: float | None = None
+    seed: int = 0
+    max_steps: int | None = None  # stop early after this many optimizer steps
+    log_every_steps: int = 10
+    val_every_epochs: int = 1
+    eval_before_training: bool = True  # score the fresh classifier first (val/top1 at step 0)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    run_name: str = "convmae-finetune"
+    # The pretrained model: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model, a
+    # save_pretrained or checkpoint folder, a checkpoint file or URL (official ConvMAE .pth
+    # too), or random:PRESET[:IMG_SIZE] (training from scratch, as a baseline).
+    model: str = DEFAULT_MODEL
+    model_preset: str = ""  # preset of a config-less checkpoint; empty: inferred from its shapes
+    img_size: int = 0  # 0: the pretrained model's (position embeddings are interpolated otherwise)
+    num_classes: int = 0  # 0: the training data's number of classes
+    drop_path: float = 0.1
+    global_pool: bool = True  # classify the mean of the tokens (the paper's setting)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mlflow: MLflowConfig = field(default_factory=lambda: MLflowConfig(
+        experiment="convmae-finetune", registered_model_name="convmae-classifier"))
+
+    def validate(self) -> FinetuneConfig:
+        validate_finetune(self)
+        return self
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.train.batch_size_per_worker * self.dist.num_workers * self.train.grad_accum_steps
+
+    @property
+    def learning_rate(self) -> float:
+        if self.train.lr is not None:
+            return self.train.lr
+        return self.train.blr * self.effective_batch_size / 256
+
+
+def validate_finetune(cfg: FinetuneConfig) -> None:
+    """Fails fast, before Ray starts, naming the bad key, its value and what is allowed."""
+    from convmae import PRESETS
+
+    t, g = cfg.train, cfg.dist
+    _check(bool(cfg.model.strip()), "model", cfg.model, "a model URI, path, URL or random:PRESET")
+    _check(not cfg.model_preset or cfg.model_preset in PRESETS, "model_preset", cfg.model_preset,
+           f"empty or one of {', '.join(sorted(PRESETS))}")
+    _check(cfg.img_size == 0 or (cfg.img_size >= 16 and cfg.img_size % 16 == 0), "img_size", cfg.img_size,
+           "0 (the model's) or a positive multiple of 16")
+    _check(cfg.num_classes >= 0, "num_classes", cfg.num_classes, ">= 0 (0: from the data)")
+    _check(0.0 <= cfg.drop_path < 1.0, "drop_path", cfg.drop_path, "0 <= drop_path < 1")
+    _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
+    _check(t.batch_size_per_worker >= 1, "train.batch_size_per_worker", t.batch_size_per_worker, ">= 1")
+    _check(t.blr > 0, "train.blr", t.blr, "> 0")
+    _check(t.lr is None or t.lr > 0, "train.lr", t.lr, "> 0 or null")
+    _check(t.min_lr >= 0, "train.min_lr", t.min_lr, ">= 0")
+    _check(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, ">= 0")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
+    _check(all(0.0 <= b < 1.0 for b in t.betas), "train.betas", t.betas, "two values in [0, 1)")
+    _check(0.0 < t.layer_decay <= 1.0, "train.layer_decay", t.layer_decay, "0 < layer_decay <= 1 (1: off)")
+    _check(t.mixup >= 0, "train.mixup", t.mixup, ">= 0 (0 turns Mixup off)")
+    _check(t.cutmix >= 0, "train.cutmix", t.cutmix, ">= 0 (0 turns CutMix off)")
+    _check(0.0 <= t.mixup_prob <= 1.0, "train.mixup_prob", t.mixup_prob, "0 <= p <= 1")
+    _check(0.0 <= t.mixup_switch_prob <= 1.0, "train.mixup_switch_prob", t.mixup_switch_prob, "0 <= p <= 1")
+    _check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", t.label_smoothing, "0 <= s < 1")
+    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, ">= 1")
+    _check(t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", t.clip_grad, "> 0 or null")
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1 or null")
+    _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
+    _check(t.val_every_epochs >= 1, "train.val_every_epochs", t.val_every_epochs, ">= 1")
+    _check(cfg.data.loader_workers >= 0, "data.loader_workers", cfg.data.loader_workers, ">= 0")
+    _check(0.0 < cfg.data.min_crop_scale <= 1.0, "data.min_crop_scale", cfg.data.min_crop_scale, "0 < scale <= 1")
+    _check(g.num_workers >= 1, "dist.num_workers", g.num_workers, ">= 1")
+    _check(g.cpus_per_worker > 0, "dist.cpus_per_worker", g.cpus_per_worker, "> 0")
+    _check(g.zero_stage in (0, 1, 2, 3), "dist.zero_stage", g.zero_stage, "one of (0, 1, 2, 3)")
+    _check(g.precision in ("auto", "bf16", "fp16", "fp32"), "dist.precision", g.precision,
+           "one of auto, bf16, fp16, fp32")
+    _check(g.max_failures >= -1, "dist.max_failures", g.max_failures, ">= 0, or -1 for unlimited")
+    _check(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", cfg.checkpoint.every_steps, ">= 1")
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
+    _check(bool(cfg.run_name) and "/" not in cfg.run_name, "run_name", cfg.run_name, "a non-empty name without '/'")
+
+
+@dataclass
+class FinetuneResult:
+    run_name: str
+    checkpoint_path: str | None
+    metrics: dict[str, Any]  # last report: val/top1, val/top1_start, val/loss, train/loss, step...
+    num_classes: int
+    source: str  # the pretrained model, described
+    mlflow_run_id: str | None
+    tracking_uri: str
+    registered_uri: str | None
+    model_uri: str | None
+
+
+def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -> FinetuneResult:
+    """Fine-tunes ``cfg.model`` on ``cfg.data`` on the Ray cluster and registers the classifier."""
+    import ray
+    from ray.train import CheckpointConfig as RayCheckpointConfig
+    from ray.train import FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from service import data as data_lib
+    from service.finetune_loop import finetune_worker
+    from service.model_source import load_model_source
+    from service.pretrain import (
+        _absolute,
+        _commit,
+        _find_or_create_mlflow_run,
+        _refuse_existing_run,
+        _worker_env,
+        run_storage,
+    )
+
+    cfg.validate()
+    train_url, val_url = (_absolute(u) for u in data_lib.resolve_data_urls(cfg.data))
+    train_set = data_lib.open_dataset(train_url, cfg.data)
+    if not train_set.has_labels:
+        raise ConfigError(f"data.url={train_url!r} has no labels (.cls); fine-tuning needs a labeled "
+                          "data set (prepare one from a class/xxx.jpg folder)")
+    if val_url and not data_lib.open_dataset(val_url, cfg.data).has_labels:
+        raise ConfigError(f"data.val_url={val_url!r} has no labels (.cls)")
+    num_classes = cfg.num_classes or train_set.num_classes
+    if num_classes < 2:
+        raise ConfigError(f"num_classes={num_classes}: the data set has fewer than 2 classes; set num_classes")
+
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    source = load_model_source(cfg.model, tracking_uri=tracking_uri, preset=cfg.model_preset or None,
+                               seed=cfg.train.seed, storage_options=data_lib.storage_options(cfg.data))
+    model_config = source.config.replace(img_size=cfg.img_size or source.config.img_size)
+    log.info("fine-tuning %s on %s (%d samples, %d classes)%s", source.describe(), train_url,
+             train_set.num_samples, num_classes, f", validation {val_url}" if val_url else "")
+
+    distributed.connect_ray(cfg.dist.ray_address)
+    use_gpu = distributed.resolve_use_gpu(cfg)
+    precision = distributed.resolve_precision(cfg, use_gpu)
+    storage_path, storage_fs = run_storage(cfg)
+    storage_label = cfg.checkpoint.storage_path.rstrip("/") + "/" + cfg.run_name
+    if not cfg.checkpoint.resume:
+        _refuse_existing_run(storage_path, storage_fs, cfg)
+
+    lineage = {"convmae.source_model": cfg.model, "convmae.source_run_id": source.run_id or ""}
+    run_id = _find_or_create_mlflow_run(cfg, tracking_uri, storage_label, None, lineage)
+    tracker = Tracker(tracking_uri, run_id, enabled=cfg.mlflow.enabled)
+    tracker.log_params({**flatten(cfg), "num_classes_resolved": num_classes, "img_size_resolved": model_config.img_size})
+    tracker.log_dict(to_dict(cfg), "config.json")
+    tracker.set_tags({"data.train_url": train_url, "git_commit": _commit(), "precision": precision,
+                      "use_gpu": use_gpu, **lineage})
+
+    # Workers get the pretrained weights through the object store: one download, on the driver.
+    init_weights = ray.put({k: v.detach().cpu() for k, v in source.model.state_dict().items()})
+    loop_config = {
+        "config": to_dict(cfg),
+        "model_config": model_config.to_dict(),
+        "num_classes": num_classes,
+        "init_weights": init_weights,
+        "use_gpu": use_gpu,
+        "precision": precision,
+        "lr": cfg.learning_rate,
+        "train_url": train_url,
+        "val_url": val_url,
+        "tracking_uri": tracking_uri,
+        "mlflow_run_id": run_id,
+    }
+    trainer = TorchTrainer(
+        finetune_worker,
+        train_loop_config=loop_config,
+        scaling_config=distributed.scaling_config(cfg, use_gpu),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            checkpoint_config=RayCheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+            callbacks=callbacks,
+            worker_runtime_env=_worker_env(),
+        ),
+    )
+    log.info("launching %d %s worker(s); checkpoints under %s; MLflow %s run %s",
+             cfg.dist.num_workers, "GPU" if use_gpu else "CPU", storage_label, tracking_uri, run_id)
+    result = trainer.fit()
+    checkpoint = result.checkpoint
+    metrics = dict(result.metrics or {})
+
+    registered: dict[str, str | None] = {"registered_uri": None, "model_uri": None}
+    if checkpoint is not None and run_id is not None and cfg.mlflow.register:
+        registered = _register(cfg, checkpoint, model_config, num_classes, train_set.class_names,
+                               tracking_uri, run_id, train_url, source)
+    if run_id is not None:
+        tracker._safe("end run", tracker.client.set_terminated, run_id, "FINISHED")
+    return FinetuneResult(
+        run_name=cfg.run_name,
+        checkpoint_path=checkpoint.path if checkpoint is not None else None,
+        metrics=metrics,
+        num_classes=num_classes,
+        source=source.describe(),
+        mlflow_run_id=run_id,
+        tracking_uri=tracking_uri,
+        registered_uri=registered["registered_uri"],
+        model_uri=registered["model_uri"],
+    )
+
+
+def _register(cfg: FinetuneConfig, checkpoint: Any, model_config: Any, num_classes: int,
+              class_names: tuple[str, ...], tracking_uri: str, run_id: str, train_url: str,
+              source: Any) -> dict[str, str | None]:
+    """Exports the classifier of ``checkpoint`` and registers it; a failure is a warning."""
+    from convmae import ConvMAEBackbone
+    from service.registry import export_checkpoint, git_commit, log_and_register, write_metadata
+
+    try:
+        with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
+            classifier = ConvMAEBackbone(model_config, num_classes=num_classes, global_pool=cfg.global_pool)
+            model_dir = export_checkpoint(folder, model_config.to_dict(), Path(tmp) / "convmae", model=classifier)
+            write_metadata(model_dir, {"task": "classification", "num_classes": num_classes,
+                                       "class_names": list(class_names), "source_model": cfg.model,
+                                       "source_run_id": source.run_id, "run_name": cfg.run_name,
+                                       "train_url": train_url, "config": to_dict(cfg)})
+            return log_and_register(
+                model_dir, tracking_uri=tracking_uri, run_id=run_id,
+                registered_name=cfg.mlflow.registered_model_name,
+                tags={"data": train_url, "git_commit": git_commit(), "task": "classification",
+                      "source_model": cfg.model, "num_classes": str(num_classes), "run_name": cfg.run_name},
+                metadata={"task": "classification", "num_classes": num_classes},
+            )
+    except Exception as exc:  # the checkpoint stays the source of truth
+        log.warning("could not log/register the classifier in MLflow (%s: %s); the checkpoint is at %s",
+                    type(exc).__name__, exc, checkpoint.path)
+        return {"registered_uri": None, "model_uri": None}
