@@ -185,6 +185,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
+        if typing.get_origin(tp) is dict:
+            # Dotted keys may arrive flat ({"train.blr": ...}) or nested by CLI overrides
+            # ({"train": {"blr": ...}}); both mean the same entry.
+            if not isinstance(value, Mapping):
+                raise ValueError
+            _, value_type = typing.get_args(tp)
+            return {k: _coerce(f"{key}.{k}", v, value_type) for k, v in _flat_items(value, "")}
         if typing.get_origin(tp) is tuple:
             item_types = typing.get_args(tp)
             if isinstance(value, str):
@@ -196,6 +203,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}") from None
     raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _flat_items(tree: Mapping[str, Any], prefix: str) -> Iterable[tuple[str, Any]]:
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _flat_items(v, f"{prefix}{k}.")
+        else:
+            yield prefix + str(k), v
 
 
 def _type_name(tp: Any) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,11 +29,43 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> N
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"log_to_driver": True}
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        _start_local_ray(num_cpus, kwargs)
+
+
+def _start_local_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
+    """A local cluster whose own actors can find it.
+
+    Ray Train frees the worker placement group of a trial that Tune stops early through the
+    state API (served by the dashboard) at the address the actor finds by itself, which fails
+    when another Ray instance runs on the same machine. So the GCS port is chosen here and
+    handed to every process as RAY_ADDRESS; and actors import this checkout's packages even
+    when it is not pip-installed.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {
+        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p),
+        "RAY_ADDRESS": f"127.0.0.1:{port}",
+    }
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env}, **kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
 
 
 def cluster_has_gpus() -> bool:

@@ -36,15 +36,15 @@ class PretrainResult:
     model_uri: str | None
 
 
-def run_storage(cfg: PretrainConfig):
-    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig.
+def storage_location(url: str, data_cfg: Any):
+    """(path, pyarrow filesystem or None) of a local dir or object-storage URL, for Ray's
+    ``storage_path``/``storage_filesystem``.
 
     Object storage goes through the same fsspec/s3fs settings as the data, so one endpoint and
-    one set of credentials serve both.
+    one set of credentials serve data, checkpoints and sweeps.
     """
-    path = cfg.checkpoint.storage_path
-    if "://" not in path or path.startswith("file://"):
-        local = Path(path.removeprefix("file://")).resolve()
+    if "://" not in url or url.startswith("file://"):
+        local = Path(url.removeprefix("file://")).resolve()
         local.mkdir(parents=True, exist_ok=True)
         return str(local), None
     import fsspec
@@ -52,9 +52,14 @@ def run_storage(cfg: PretrainConfig):
 
     from service.data import storage_options
 
-    protocol, _, rest = path.partition("://")
-    fs = fsspec.filesystem(protocol, **(storage_options(cfg.data) if protocol in ("s3", "s3a") else {}))
+    protocol, _, rest = url.partition("://")
+    fs = fsspec.filesystem(protocol, **(storage_options(data_cfg) if protocol in ("s3", "s3a") else {}))
     return rest.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def run_storage(cfg: PretrainConfig):
+    """(storage_path, pyarrow filesystem or None) of the run's checkpoints."""
+    return storage_location(cfg.checkpoint.storage_path, cfg.data)
 
 
 def _find_or_create_mlflow_run(cfg: PretrainConfig, tracking_uri: str, storage: str,
@@ -158,7 +163,8 @@ def run_pretraining(
 
     registered_uri = model_uri = None
     if checkpoint is not None and run_id is not None and cfg.mlflow.register:
-        registered_uri, model_uri = _register(cfg, checkpoint, tracking_uri, run_id, train_url)
+        registered = register_checkpoint(cfg, checkpoint, tracking_uri, run_id, train_url)
+        registered_uri, model_uri = registered["registered_uri"], registered["model_uri"]
     if run_id is not None:
         tracker._safe("end run", tracker.client.set_terminated, run_id, "FINISHED")
     return PretrainResult(
@@ -212,7 +218,10 @@ def _refuse_existing_run(storage_path: str, storage_fs: Any, cfg: PretrainConfig
         )
 
 
-def _register(cfg: PretrainConfig, checkpoint: Any, tracking_uri: str, run_id: str, train_url: str):
+def register_checkpoint(cfg: PretrainConfig, checkpoint: Any, tracking_uri: str, run_id: str,
+                        train_url: str) -> dict[str, str | None]:
+    """Logs the consolidated model of ``checkpoint`` (a Ray Train Checkpoint) to ``run_id`` and
+    registers it; on failure warns and returns Nones, since the checkpoint stays the truth."""
     from service.registry import export_checkpoint, log_and_register, write_metadata
 
     try:
@@ -228,11 +237,11 @@ def _register(cfg: PretrainConfig, checkpoint: Any, tracking_uri: str, run_id: s
                       "run_name": cfg.run_name},
                 metadata={"preset": cfg.model.name},
             )
-            return out["registered_uri"], out["model_uri"]
+            return out
     except Exception as exc:  # the checkpoint stays the source of truth
         log.warning("could not log/register the model in MLflow (%s: %s); the checkpoint is at %s",
                     type(exc).__name__, exc, checkpoint.path)
-        return None, None
+        return {"registered_uri": None, "model_uri": None, "version": None}
 
 
 def _model_config(cfg: PretrainConfig) -> dict[str, Any]:
