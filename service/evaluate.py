@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from service.config import ConfigError, DataConfig, _check
-from service.model_source import DEFAULT_MODEL
+from service.model_source import DEFAULT_MODEL, validate_source_keys
 
 log = logging.getLogger("convmae.evaluate")
 
@@ -61,13 +61,7 @@ class EvaluateConfig:
 
 
 def validate_evaluate(cfg: EvaluateConfig) -> None:
-    from convmae import PRESETS
-
-    _check(bool(cfg.model.strip()), "model", cfg.model, "a model URI, path, URL or random:PRESET")
-    _check(not cfg.model_preset or cfg.model_preset in PRESETS, "model_preset", cfg.model_preset,
-           f"empty or one of {', '.join(sorted(PRESETS))}")
-    _check(cfg.img_size == 0 or (cfg.img_size >= 16 and cfg.img_size % 16 == 0), "img_size", cfg.img_size,
-           "0 or a positive multiple of 16")
+    validate_source_keys(cfg)
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, ">= 1")
     _check(cfg.knn_k >= 0, "knn_k", cfg.knn_k, ">= 0 (0 turns k-NN off)")
     _check(cfg.knn_temperature > 0, "knn_temperature", cfg.knn_temperature, "> 0")

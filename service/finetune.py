@@ -20,19 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service import distributed
 from service.config import (
     CheckpointConfig,
     ConfigError,
     DataConfig,
     DistributedConfig,
     MLflowConfig,
+    PretrainConfig,
     _check,
-    flatten,
     to_dict,
 )
-from service.model_source import DEFAULT_MODEL
-from service.tracking import Tracker, resolve_tracking_uri
+from service.model_source import DEFAULT_MODEL, validate_source_keys
+from service.tracking import resolve_tracking_uri
 
 log = logging.getLogger("convmae.finetune")
 
@@ -87,27 +86,15 @@ class FinetuneConfig:
         validate_finetune(self)
         return self
 
-    @property
-    def effective_batch_size(self) -> int:
-        return self.train.batch_size_per_worker * self.dist.num_workers * self.train.grad_accum_steps
-
-    @property
-    def learning_rate(self) -> float:
-        if self.train.lr is not None:
-            return self.train.lr
-        return self.train.blr * self.effective_batch_size / 256
+    # The same definitions as pretraining's (they read train.* and dist.* only).
+    effective_batch_size = PretrainConfig.effective_batch_size
+    learning_rate = PretrainConfig.learning_rate  # lr, else blr * effective_batch_size / 256
 
 
 def validate_finetune(cfg: FinetuneConfig) -> None:
     """Fails fast, before Ray starts, naming the bad key, its value and what is allowed."""
-    from convmae import PRESETS
-
     t, g = cfg.train, cfg.dist
-    _check(bool(cfg.model.strip()), "model", cfg.model, "a model URI, path, URL or random:PRESET")
-    _check(not cfg.model_preset or cfg.model_preset in PRESETS, "model_preset", cfg.model_preset,
-           f"empty or one of {', '.join(sorted(PRESETS))}")
-    _check(cfg.img_size == 0 or (cfg.img_size >= 16 and cfg.img_size % 16 == 0), "img_size", cfg.img_size,
-           "0 (the model's) or a positive multiple of 16")
+    validate_source_keys(cfg)
     _check(cfg.num_classes >= 0, "num_classes", cfg.num_classes, ">= 0 (0: from the data)")
     _check(0.0 <= cfg.drop_path < 1.0, "drop_path", cfg.drop_path, "0 <= drop_path < 1")
     _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
@@ -158,21 +145,12 @@ class FinetuneResult:
 def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -> FinetuneResult:
     """Fine-tunes ``cfg.model`` on ``cfg.data`` on the Ray cluster and registers the classifier."""
     import ray
-    from ray.train import CheckpointConfig as RayCheckpointConfig
-    from ray.train import FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
     from service import data as data_lib
     from service.finetune_loop import finetune_worker
+    from service.launch import fit_workers, open_launch
     from service.model_source import load_model_source
-    from service.pretrain import (
-        _absolute,
-        _commit,
-        _find_or_create_mlflow_run,
-        _refuse_existing_run,
-        _worker_env,
-        run_storage,
-    )
+    from service.pretrain import _absolute
 
     cfg.validate()
     train_url, val_url = (_absolute(u) for u in data_lib.resolve_data_urls(cfg.data))
@@ -186,29 +164,16 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
     if num_classes < 2:
         raise ConfigError(f"num_classes={num_classes}: the data set has fewer than 2 classes; set num_classes")
 
-    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    source = load_model_source(cfg.model, tracking_uri=tracking_uri, preset=cfg.model_preset or None,
-                               seed=cfg.train.seed, storage_options=data_lib.storage_options(cfg.data))
+    source = load_model_source(cfg.model, tracking_uri=resolve_tracking_uri(cfg.mlflow.tracking_uri),
+                               preset=cfg.model_preset or None, seed=cfg.train.seed,
+                               storage_options=data_lib.storage_options(cfg.data))
     model_config = source.config.replace(img_size=cfg.img_size or source.config.img_size)
     log.info("fine-tuning %s on %s (%d samples, %d classes)%s", source.describe(), train_url,
              train_set.num_samples, num_classes, f", validation {val_url}" if val_url else "")
 
-    distributed.connect_ray(cfg.dist.ray_address)
-    use_gpu = distributed.resolve_use_gpu(cfg)
-    precision = distributed.resolve_precision(cfg, use_gpu)
-    storage_path, storage_fs = run_storage(cfg)
-    storage_label = cfg.checkpoint.storage_path.rstrip("/") + "/" + cfg.run_name
-    if not cfg.checkpoint.resume:
-        _refuse_existing_run(storage_path, storage_fs, cfg)
-
     lineage = {"convmae.source_model": cfg.model, "convmae.source_run_id": source.run_id or ""}
-    run_id = _find_or_create_mlflow_run(cfg, tracking_uri, storage_label, None, lineage)
-    tracker = Tracker(tracking_uri, run_id, enabled=cfg.mlflow.enabled)
-    tracker.log_params({**flatten(cfg), "num_classes_resolved": num_classes, "img_size_resolved": model_config.img_size})
-    tracker.log_dict(to_dict(cfg), "config.json")
-    tracker.set_tags({"data.train_url": train_url, "git_commit": _commit(), "precision": precision,
-                      "use_gpu": use_gpu, **lineage})
-
+    launch = open_launch(cfg, train_url=train_url, tags=lineage)
+    launch.tracker.log_params({"num_classes_resolved": num_classes, "img_size_resolved": model_config.img_size})
     # Workers get the pretrained weights through the object store: one download, on the driver.
     init_weights = ray.put({k: v.detach().cpu() for k, v in source.model.state_dict().items()})
     loop_config = {
@@ -216,48 +181,31 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
         "model_config": model_config.to_dict(),
         "num_classes": num_classes,
         "init_weights": init_weights,
-        "use_gpu": use_gpu,
-        "precision": precision,
+        "use_gpu": launch.use_gpu,
+        "precision": launch.precision,
         "lr": cfg.learning_rate,
         "train_url": train_url,
         "val_url": val_url,
-        "tracking_uri": tracking_uri,
-        "mlflow_run_id": run_id,
+        "tracking_uri": launch.tracking_uri,
+        "mlflow_run_id": launch.run_id,
     }
-    trainer = TorchTrainer(
-        finetune_worker,
-        train_loop_config=loop_config,
-        scaling_config=distributed.scaling_config(cfg, use_gpu),
-        run_config=RunConfig(
-            name=cfg.run_name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            checkpoint_config=RayCheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-            failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
-            callbacks=callbacks,
-            worker_runtime_env=_worker_env(),
-        ),
-    )
-    log.info("launching %d %s worker(s); checkpoints under %s; MLflow %s run %s",
-             cfg.dist.num_workers, "GPU" if use_gpu else "CPU", storage_label, tracking_uri, run_id)
-    result = trainer.fit()
-    checkpoint = result.checkpoint
-    metrics = dict(result.metrics or {})
+    result = fit_workers(finetune_worker, loop_config, cfg, launch, callbacks)
+    checkpoint, run_id = result.checkpoint, launch.run_id
 
     registered: dict[str, str | None] = {"registered_uri": None, "model_uri": None}
     if checkpoint is not None and run_id is not None and cfg.mlflow.register:
         registered = _register(cfg, checkpoint, model_config, num_classes, train_set.class_names,
-                               tracking_uri, run_id, train_url, source)
+                               launch.tracking_uri, run_id, train_url, source)
     if run_id is not None:
-        tracker._safe("end run", tracker.client.set_terminated, run_id, "FINISHED")
+        launch.tracker._safe("end run", launch.tracker.client.set_terminated, run_id, "FINISHED")
     return FinetuneResult(
         run_name=cfg.run_name,
         checkpoint_path=checkpoint.path if checkpoint is not None else None,
-        metrics=metrics,
+        metrics=dict(result.metrics or {}),
         num_classes=num_classes,
         source=source.describe(),
         mlflow_run_id=run_id,
-        tracking_uri=tracking_uri,
+        tracking_uri=launch.tracking_uri,
         registered_uri=registered["registered_uri"],
         model_uri=registered["model_uri"],
     )

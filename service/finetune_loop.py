@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 from typing import Any
 
 import torch
 
 from service import checkpointing, distributed
-from service.checkpointing import TrainState
 from service.progress import ProgressMeter
 from service.schedule import lr_at
-from service.tracking import NullTracker, Tracker
 
 log = logging.getLogger("convmae.finetune")
 
@@ -43,7 +40,13 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
     from service.evaluation import classification_metrics
     from service.finetune import FinetuneConfig
     from service.mixup import MixSettings, mix_batch, soft_target_cross_entropy
-    from service.train_loop import _configure_logging, _log_progress
+    from service.train_loop import (
+        _configure_logging,
+        _log_progress,
+        count_step,
+        set_lr,
+        start_session,
+    )
 
     _configure_logging()
     cfg = from_dict(FinetuneConfig, loop_config["config"])
@@ -57,21 +60,11 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
     model = ConvMAEBackbone(model_config, num_classes=num_classes, drop_path_rate=cfg.drop_path,
                             global_pool=cfg.global_pool)
     report = model.load_pretrain_state_dict(ray.get(loop_config["init_weights"]))
-    ds_config = distributed.deepspeed_config(cfg, use_gpu=loop_config["use_gpu"],
-                                             precision=loop_config["precision"], lr=lr_base)
     groups = distributed.layer_decay_param_groups(model, t.weight_decay, t.layer_decay)
-    engine = distributed.build_engine(model, cfg, ds_config, lr_base, groups=groups)
-    dtype = distributed.engine_dtype(ds_config)
-
-    state = checkpointing.restore(engine, ctx.rank) or TrainState()
-    is_chief = ctx.rank == 0
-    tracker: Tracker = (
-        Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"], enabled=cfg.mlflow.enabled,
-                system_metrics=cfg.mlflow.system_metrics)
-        if is_chief else NullTracker()
-    )
+    session = start_session(model, cfg, loop_config, ctx, groups=groups)
+    engine, dtype, state, tracker, is_chief = (session.engine, session.dtype, session.state, session.tracker,
+                                               session.is_chief)
     if is_chief and state.optimizer_step == 0:
-        tracker.log_dict(ds_config, "deepspeed_config.json")
         log.info("loaded %d pretrained tensors (%d resized); new: %s", len(report.loaded),
                  len(report.resized), ", ".join(report.newly_initialized) or "none")
 
@@ -140,25 +133,14 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
             images, targets, _ = mix_batch(images, labels, num_classes, mix,
                                            _mix_rng(t.seed, ctx.rank, state.micro_step))
             lr = lr_at(state.optimizer_step, **lr_kwargs)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+            set_lr(engine, lr)
             loss = soft_target_cross_entropy(engine(images.to(dtype)), targets)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
-            state.micro_step += 1
-            state.micro_in_epoch += 1
-            state.samples_seen += images_per_micro
             last_loss = float(loss.detach())
-            window_loss += torch.tensor([last_loss, 1.0], dtype=torch.float64)
-            meter.update(images_per_micro, steps=0)
-            if not boundary:
+            if not count_step(state, last_loss, boundary, images_per_micro, window_loss, meter, loader):
                 continue
-            state.optimizer_step += 1
-            meter.update(0, steps=1)
-            state.loader_state = loader.state_dict()
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"loss is {last_loss} at step {state.optimizer_step}; lower train.blr")
             if state.optimizer_step % t.log_every_steps == 0 or state.optimizer_step == total_steps:
                 _log_progress(state, window_loss, meter, lr, loader, tracker, ctx, t.epochs, is_chief)
             if state.optimizer_step >= total_steps:

@@ -110,6 +110,18 @@ def load_model_source(
     return source
 
 
+def validate_source_keys(cfg: Any) -> None:
+    """Checks a job config's ``model``, ``model_preset`` and ``img_size`` keys (before any work)."""
+    from convmae import PRESETS
+    from service.config import _check
+
+    _check(bool(cfg.model.strip()), "model", cfg.model, "a model URI, path, URL or random:PRESET[:IMG_SIZE]")
+    _check(not cfg.model_preset or cfg.model_preset in PRESETS, "model_preset", cfg.model_preset,
+           f"empty or one of {', '.join(sorted(PRESETS))}")
+    _check(cfg.img_size == 0 or (cfg.img_size >= 16 and cfg.img_size % 16 == 0), "img_size", cfg.img_size,
+           "0 (the model's own) or a positive multiple of 16")
+
+
 # ---------------------------------------------------------------- random baselines
 
 

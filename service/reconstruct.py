@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from service.config import ConfigError, DataConfig, _check
-from service.model_source import DEFAULT_MODEL
+from service.model_source import DEFAULT_MODEL, validate_source_keys
 
 log = logging.getLogger("convmae.reconstruct")
 
@@ -42,14 +42,12 @@ class ReconstructConfig:
     log_to_run: bool = False  # also log the PNG on the model's MLflow run (models:/, runs:/)
 
     def validate(self) -> ReconstructConfig:
-        _check(bool(self.model.strip()), "model", self.model, "a model URI, path, URL or random:PRESET")
+        validate_source_keys(self)
         _check(1 <= self.images <= 256, "images", self.images, "1..256")
         _check(bool(self.out) and self.out.lower().endswith(".png"), "out", self.out, "a path ending in .png")
         _check(0.0 < self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "0 < mask_ratio < 1")
         _check(1 <= self.scale <= 32, "scale", self.scale, "1..32")
         _check(self.split in SPLITS, "split", self.split, f"one of {', '.join(SPLITS)}")
-        _check(self.img_size == 0 or (self.img_size >= 16 and self.img_size % 16 == 0), "img_size",
-               self.img_size, "0 or a positive multiple of 16")
         return self
 
 

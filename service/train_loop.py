@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,19 +70,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(m.name, img_size=m.img_size, norm_pix_loss=m.norm_pix_loss)
-    ds_config = distributed.deepspeed_config(cfg, use_gpu=use_gpu, precision=precision, lr=loop_config["lr"])
-    engine = distributed.build_engine(model, cfg, ds_config, loop_config["lr"])
-    dtype = distributed.engine_dtype(ds_config)
-
-    state = checkpointing.restore(engine, ctx.rank) or TrainState()
-    is_chief = ctx.rank == 0
-    tracker: Tracker = (
-        Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"], enabled=cfg.mlflow.enabled,
-                system_metrics=cfg.mlflow.system_metrics)
-        if is_chief else NullTracker()
-    )
-    if is_chief and state.optimizer_step == 0:
-        tracker.log_dict(ds_config, "deepspeed_config.json")
+    session = start_session(model, cfg, loop_config, ctx)
+    engine, dtype, state, tracker, is_chief = (session.engine, session.dtype, session.state, session.tracker,
+                                               session.is_chief)
 
     # The driver resolved the URLs (absolute, embedded set generated); workers must not redo it
     # relative to their own working directory.
@@ -135,26 +126,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if recon_batch is None:
                 recon_batch = images[: min(8, images.shape[0])].detach().clone()
             lr = lr_at(state.optimizer_step, **lr_kwargs)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(engine, lr)
             loss, _, _ = engine(images, mask_ratio=m.mask_ratio,
                                 generator=mask_generator(t.seed, ctx.rank, state.micro_step))
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
-            state.micro_step += 1
-            state.micro_in_epoch += 1
-            state.samples_seen += images_per_micro
             last_loss = float(loss.detach().float())
-            window_loss += torch.tensor([last_loss, 1.0], dtype=torch.float64)
-            meter.update(images_per_micro, steps=0)
-            if not boundary:
+            if not count_step(state, last_loss, boundary, images_per_micro, window_loss, meter, loader):
                 continue
-            state.optimizer_step += 1
-            meter.update(0, steps=1)
-            state.loader_state = loader.state_dict()
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"loss is {last_loss} at step {state.optimizer_step}; lower train.blr")
             if state.optimizer_step % t.log_every_steps == 0 or state.optimizer_step == total_steps:
                 _log_progress(state, window_loss, meter, lr, loader, tracker, ctx, t.epochs, is_chief)
             _maybe_inject_fault(state.optimizer_step, ctx.rank)
@@ -193,6 +173,63 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if last_saved_step != state.optimizer_step:
         save({"train/loss": last_loss})
     tracker.close()
+
+
+@dataclass
+class WorkerSession:
+    """What a training worker holds after start-up (pretraining and fine-tuning alike)."""
+
+    engine: Any  # the DeepSpeed engine
+    ds_config: dict[str, Any]
+    dtype: torch.dtype  # of the engine's weights and inputs
+    state: TrainState  # restored from the latest checkpoint, or fresh
+    tracker: Tracker  # rank 0 logs to MLflow, the others hold a NullTracker
+    is_chief: bool
+
+
+def start_session(model: torch.nn.Module, cfg: Any, loop_config: dict[str, Any], ctx: Any,
+                  groups: list[dict[str, Any]] | None = None) -> WorkerSession:
+    """DeepSpeed engine over ``model`` (optimizer ``groups``, default ``param_groups``), the
+    train state of the checkpoint Ray Train hands this worker, and rank 0's tracker."""
+    lr = loop_config["lr"]
+    ds_config = distributed.deepspeed_config(cfg, use_gpu=loop_config["use_gpu"],
+                                             precision=loop_config["precision"], lr=lr)
+    engine = distributed.build_engine(model, cfg, ds_config, lr, groups=groups)
+    state = checkpointing.restore(engine, ctx.rank) or TrainState()
+    is_chief = ctx.rank == 0
+    tracker: Tracker = (
+        Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"], enabled=cfg.mlflow.enabled,
+                system_metrics=cfg.mlflow.system_metrics)
+        if is_chief else NullTracker()
+    )
+    if is_chief and state.optimizer_step == 0:
+        tracker.log_dict(ds_config, "deepspeed_config.json")
+    return WorkerSession(engine, ds_config, distributed.engine_dtype(ds_config), state, tracker, is_chief)
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    """Every group's lr: ``lr`` times its ``lr_scale`` (layer-wise decay; 1 when absent)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def count_step(state: TrainState, loss: float, boundary: bool, images: int, window_loss: torch.Tensor,
+               meter: ProgressMeter, loader: Any) -> bool:
+    """Books a finished micro-batch of ``images`` (all workers); at a gradient-accumulation
+    boundary also the optimizer step and the loader position, and returns True."""
+    state.micro_step += 1
+    state.micro_in_epoch += 1
+    state.samples_seen += images
+    window_loss += torch.tensor([loss, 1.0], dtype=torch.float64)
+    meter.update(images, steps=0)
+    if not boundary:
+        return False
+    state.optimizer_step += 1
+    meter.update(0, steps=1)
+    state.loader_state = loader.state_dict()
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {state.optimizer_step}; lower train.blr")
+    return True
 
 
 def _log_progress(state, window_loss, meter, lr, loader, tracker, ctx, epochs, is_chief) -> None:
