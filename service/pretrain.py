@@ -50,11 +50,21 @@ def storage_location(url: str, data_cfg: Any):
     import fsspec
     import pyarrow.fs
 
+    protocol, _, rest = url.partition("://")
+    fs = fsspec.filesystem(protocol, **(persistable_storage_options(data_cfg) if protocol in ("s3", "s3a") else {}))
+    return rest.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def persistable_storage_options(data_cfg: Any) -> dict[str, Any]:
+    """s3fs options without credentials.
+
+    Ray pickles the storage filesystem into its run and experiment state, which lives in the
+    bucket; botocore reads the AWS_* credentials from each process's own environment (or
+    instance/pod role) instead, so no secret is ever written there.
+    """
     from service.data import storage_options
 
-    protocol, _, rest = url.partition("://")
-    fs = fsspec.filesystem(protocol, **(storage_options(data_cfg) if protocol in ("s3", "s3a") else {}))
-    return rest.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    return {k: v for k, v in storage_options(data_cfg).items() if k not in ("key", "secret", "token")}
 
 
 def run_storage(cfg: PretrainConfig):
@@ -186,12 +196,18 @@ def _absolute(url: str | None) -> str | None:
     return str(Path(url.removeprefix("file://")).resolve())
 
 
-def _worker_env() -> dict[str, Any] | None:
-    """Forwards the driver's chaos-testing and MLflow client settings to the workers."""
+def forwarded_env() -> dict[str, str]:
+    """The driver's object-store, MLflow client and chaos-testing settings, which the processes
+    it starts (workers, Tune trials) inherit."""
     import os
 
-    keys = [k for k in os.environ if k.startswith(("CONVMAE_", "MLFLOW_HTTP_", "AWS_"))]
-    env = {k: os.environ[k] for k in keys}
+    return {k: v for k, v in os.environ.items() if k.startswith(("CONVMAE_", "MLFLOW_HTTP_", "AWS_"))}
+
+
+def _worker_env() -> dict[str, Any] | None:
+    import os
+
+    env = forwarded_env()
     # A local cluster started from a checkout: let workers import this checkout's packages.
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)

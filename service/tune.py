@@ -249,6 +249,8 @@ def _run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
 
     from service.pretrain import run_pretraining
 
+    # The driver's S3, MLflow client and test settings, as run_pretraining forwards them to workers.
+    os.environ.update(context["env"])
     trial_id = tune.get_context().get_trial_id()
     base = from_dict(PretrainConfig, context["base"])
     cfg = with_overrides(base, {**params, "run_name": trial_run_name(context["sweep_name"], trial_id)})
@@ -299,7 +301,7 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
 
     from service import data as data_lib
     from service import distributed
-    from service.pretrain import _absolute, storage_location
+    from service.pretrain import _absolute, forwarded_env, storage_location
     from service.tracking import resolve_tracking_uri
 
     cfg.validate()
@@ -345,7 +347,7 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, context={"base": to_dict(base), "sweep_name": cfg.sweep.name,
-                                                  "parent_run_id": parent_run_id}),
+                                                  "parent_run_id": parent_run_id, "env": forwarded_env()}),
         {"cpu": cfg.sweep.driver_cpus},
     )
     restoring = cfg.sweep.resume and tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs)
@@ -417,16 +419,14 @@ def _searcher(cfg: TuneJobConfig) -> Any:
 def _scheduler(cfg: TuneJobConfig, state_url: str) -> Any:
     if cfg.sweep.scheduler == "fifo":
         return None
-    from service.data import storage_options
-
     return resumable_asha(
-        state_url, storage_options(cfg.data) if state_url.startswith(("s3://", "s3a://")) else {},
+        state_url, to_dict(cfg.data),
         time_attr=TIME_ATTR, max_t=cfg.train.epochs, grace_period=cfg.sweep.grace_period,
         reduction_factor=cfg.sweep.reduction_factor,
     )
 
 
-def resumable_asha(state_url: str, storage_options: dict[str, Any], **asha_kwargs: Any) -> Any:
+def resumable_asha(state_url: str, data_config: dict[str, Any], **asha_kwargs: Any) -> Any:
     """ASHA whose rung records survive a restored sweep.
 
     Tune restores trials and searcher state but not the scheduler's: a restored ASHA would have
@@ -438,12 +438,18 @@ def resumable_asha(state_url: str, storage_options: dict[str, Any], **asha_kwarg
     class ResumableASHA(ASHAScheduler):
         def __init__(self) -> None:
             super().__init__(**asha_kwargs)
-            self._state_url, self._storage_options, self._loaded = state_url, storage_options, False
+            # Pickled into the experiment directory by Tune: holds no credentials.
+            self._state_url, self._data_config, self._loaded = state_url, data_config, False
 
         def _fs(self):
             import fsspec
 
-            return fsspec.core.url_to_fs(self._state_url, **self._storage_options)
+            from service.config import DataConfig
+            from service.pretrain import persistable_storage_options
+
+            remote = self._state_url.startswith(("s3://", "s3a://"))
+            options = persistable_storage_options(from_dict(DataConfig, self._data_config)) if remote else {}
+            return fsspec.core.url_to_fs(self._state_url, **options)
 
         def _load_once(self) -> None:
             if self._loaded:

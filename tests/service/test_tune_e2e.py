@@ -1,6 +1,7 @@
-"""A real Ray Tune sweep of the tiny preset on the local Ray cluster, tracked in a real MLflow
-server: ASHA stops the bad trial, the sweep is interrupted (the signal Ctrl+C sends Tune),
-resumed without redoing the finished trial, and the best model is registered under an alias."""
+"""A real Ray Tune sweep of the tiny preset on the local Ray cluster, its experiment directory on
+a loopback S3 server, tracked in a real MLflow server: ASHA stops the bad trial, the sweep is
+interrupted (the signal Ctrl+C sends Tune), resumed from S3 without redoing the finished trial,
+and the best model is registered under an alias."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def digits_dir(tmp_path_factory):
     return root
 
 
-def sweep_config(tmp_path: Path, digits_dir: Path, tracking_uri: str) -> TuneJobConfig:
+def sweep_config(storage: str, digits_dir: Path, tracking_uri: str) -> TuneJobConfig:
     return with_overrides(TuneJobConfig(), {
         "model.name": "convmae_tiny",
         "model.img_size": 32,
@@ -54,17 +55,20 @@ def sweep_config(tmp_path: Path, digits_dir: Path, tracking_uri: str) -> TuneJob
         "sweep.space": {"train.blr": "grid [2.0e-3, 1.0e-8]"},
         "sweep.max_concurrent_trials": 1,
         "sweep.objective": "val/recon_loss",
-        "sweep.storage_path": str(tmp_path / "sweeps"),
+        "sweep.storage_path": storage,
     }).validate()
 
 
-def interrupt_when_second_trial_starts(experiment: Path) -> threading.Thread:
+def interrupt_when_second_trial_starts(experiment: str) -> threading.Thread:
     """Sends this process SIGUSR1 (Tune's stop signal, like Ctrl+C) once trial 0 finished."""
+    import s3fs
 
     def watch() -> None:
+        fs = s3fs.S3FileSystem()
         deadline = time.time() + 600
         while time.time() < deadline:
-            if list(experiment.glob("*_00001_*")):
+            fs.invalidate_cache()
+            if fs.exists(experiment) and any("_00001_" in p for p in fs.ls(experiment)):
                 time.sleep(2)  # let trial 1 get going, so it is interrupted mid-run
                 os.kill(os.getpid(), signal.SIGUSR1)
                 return
@@ -75,15 +79,23 @@ def interrupt_when_second_trial_starts(experiment: Path) -> threading.Thread:
     return thread
 
 
+def checkpoints(experiment: str, run_name: str) -> list[str]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    return sorted(p for p in fs.ls(f"{experiment}/train_runs/{run_name}") if "/checkpoint_" in p)
+
+
 def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str):
     return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
 
 def test_sweep_stops_bad_trials_resumes_after_interruption_and_registers_the_best(
-    ray_cluster, mlflow_server, digits_dir, tmp_path
+    ray_cluster, mlflow_server, s3_bucket, digits_dir
 ):
-    cfg = sweep_config(tmp_path, digits_dir, mlflow_server)
-    experiment = tmp_path / "sweeps" / "lr"
+    cfg = sweep_config(f"{s3_bucket}/sweeps", digits_dir, mlflow_server)
+    experiment = f"{s3_bucket.removeprefix('s3://')}/sweeps/lr"
     watcher = interrupt_when_second_trial_starts(experiment)
 
     first = run_sweep(cfg)
@@ -98,7 +110,8 @@ def test_sweep_stops_bad_trials_resumes_after_interruption_and_registers_the_bes
                                               first.parent_run_id)
                         if r.data.tags["convmae.trial_id"] == finished.trial_id)
     finished_history = client.get_metric_history(finished_run.info.run_id, "train/loss")
-    finished_checkpoints = sorted(p.name for p in (experiment / "train_runs").glob(f"lr-{finished.trial_id}/checkpoint_*"))
+    finished_checkpoints = checkpoints(experiment, f"lr-{finished.trial_id}")
+    assert finished_checkpoints
 
     second = run_sweep(cfg)  # the same command again resumes the sweep
 
@@ -109,8 +122,7 @@ def test_sweep_stops_bad_trials_resumes_after_interruption_and_registers_the_bes
     # the finished trial was not redone: same result, no new steps, no new checkpoints
     assert by_id[finished.trial_id].objective == pytest.approx(finished.objective)
     assert len(client.get_metric_history(finished_run.info.run_id, "train/loss")) == len(finished_history)
-    assert sorted(p.name for p in (experiment / "train_runs").glob(f"lr-{finished.trial_id}/checkpoint_*")) \
-        == finished_checkpoints
+    assert checkpoints(experiment, f"lr-{finished.trial_id}") == finished_checkpoints
     # ASHA stopped the learning rate that cannot learn after its first epoch
     bad = next(t for t in second.trials if t.params["train.blr"] < 1e-6)
     assert (bad.status, bad.epochs) == ("stopped early", 1)
