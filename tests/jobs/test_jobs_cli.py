@@ -59,6 +59,14 @@ def test_reconstruct_writes_a_png_of_the_right_size(digits_dir, tmp_path):
     assert image.size == ((4 * 32 + 5 * 2) * 2, (3 * 32 + 4 * 2) * 2)
     pixels = np.asarray(image)
     assert pixels.std() > 10  # not a blank canvas
+    # Own images instead of the data set: one row each, read through fsspec URLs.
+    for i, colour in enumerate(((200, 30, 30), (20, 200, 90))):
+        Image.new("RGB", (50, 40), colour).save(tmp_path / f"in{i}.png")
+    inputs = ",".join((tmp_path / f"in{i}.png").as_uri() for i in range(2))
+    assert main(["--model", "random:convmae_tiny:32", "--inputs", inputs, "--out", str(out), "--scale", "1"]) == 0
+    own = np.asarray(Image.open(out))
+    assert own.shape == (2 * 32 + 3 * 2, 4 * 32 + 5 * 2, 3)
+    assert tuple(own[2 + 16, 2 + 16]) == (200, 30, 30) and tuple(own[2 + 32 + 2 + 16, 2 + 16]) == (20, 200, 90)
 
 
 def test_evaluate_prints_the_table_and_writes_json(digits_dir, tmp_path, capsys):

@@ -64,6 +64,14 @@ def test_finetuning_beats_its_start_and_registers_a_classifier(ray_cluster, digi
         img_size=32, device=torch.device("cpu"), dtype=torch.float32)
     assert scores["top1"] == pytest.approx(end, abs=1e-6)
 
+    # Its MLflow pyfunc predicts the classifier's logits.
+    import mlflow
+
+    images = next(iter(data_lib.build_eval_loader(val_url, cfg.data, img_size=32, batch_size=4)))["images"]
+    logits = mlflow.pyfunc.load_model(result.model_uri).predict(images.numpy())
+    with torch.no_grad():
+        assert torch.allclose(torch.as_tensor(logits), registered.model(images), atol=1e-5)
+
     # The Ray/DeepSpeed checkpoint folder loads to the same weights.
     from_checkpoint = load_model_source(result.checkpoint_path)
     assert from_checkpoint.kind == "deepspeed" and from_checkpoint.model.num_classes == 10
