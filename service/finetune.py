@@ -161,6 +161,9 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
     if val_url and not data_lib.open_dataset(val_url, cfg.data).has_labels:
         raise ConfigError(f"data.val_url={val_url!r} has no labels (.cls)")
     num_classes = cfg.num_classes or train_set.num_classes
+    if train_set.num_classes > num_classes:
+        raise ConfigError(f"num_classes={cfg.num_classes} is not allowed: the data set has {train_set.num_classes} "
+                          "classes (0 takes the data set's)")
     if num_classes < 2:
         raise ConfigError(f"num_classes={num_classes}: the data set has fewer than 2 classes; set num_classes")
 

@@ -40,6 +40,7 @@ def test_help_lists_the_flags(job, expected):
     ("reconstruct", ["--out", "grid.jpg"], "out='grid.jpg' is not allowed: a path ending in .png"),
     ("reconstruct", ["--model", "/no/such/model.pth"], "'/no/such/model.pth': no such file or folder"),
     ("evaluate", ["--model", "random:convmae_tiny:33"], "img_size 33 is not a multiple"),
+    ("finetune", ["--model", "random:convmae_tiny:32", "--num_classes", "5"], "the data set has 10 classes"),
 ])
 def test_bad_input_exits_2_naming_the_value(job, args, message, tmp_path):
     out = run_job(job, *args, cwd=tmp_path)
