@@ -60,6 +60,7 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
     model = ConvMAEBackbone(model_config, num_classes=num_classes, drop_path_rate=cfg.drop_path,
                             global_pool=cfg.global_pool)
     report = model.load_pretrain_state_dict(ray.get(loop_config["init_weights"]))
+    torch.manual_seed(t.seed + 1 + ctx.rank)  # drop path draws differ per rank (restored on resume)
     groups = distributed.layer_decay_param_groups(model, t.weight_decay, t.layer_decay)
     session = start_session(model, cfg, loop_config, ctx, groups=groups)
     engine, dtype, state, tracker, is_chief = (session.engine, session.dtype, session.state, session.tracker,

@@ -75,8 +75,13 @@ def test_shipped_presets_load(tmp_path):
     root = Path(__file__).resolve().parents[2] / "jobs" / "configs"
     presets = sorted(root.glob("*.yaml"))
     assert presets, "no presets shipped"
+    from service.finetune import FinetuneConfig
+    from service.tune import TuneJobConfig
+
+    job_configs = {"finetune_": FinetuneConfig, "sweep_": TuneJobConfig}  # by file name prefix
     for preset in presets:
-        cfg = load_config(PretrainConfig, preset)
+        cls = next((c for prefix, c in job_configs.items() if preset.name.startswith(prefix)), PretrainConfig)
+        cfg = load_config(cls, preset)
         assert cfg.run_name
     base = load_config(PretrainConfig, root / "convmae_base_in1k.yaml")
     assert base.model.name == "convmae_base" and base.effective_batch_size == 3072
