@@ -148,12 +148,11 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
 
     from service import data as data_lib
     from service.finetune_loop import finetune_worker
-    from service.launch import fit_workers, open_launch
+    from service.launch import absolute_url, fit_workers, open_launch
     from service.model_source import load_model_source
-    from service.pretrain import _absolute
 
     cfg.validate()
-    train_url, val_url = (_absolute(u) for u in data_lib.resolve_data_urls(cfg.data))
+    train_url, val_url = (absolute_url(u) for u in data_lib.resolve_data_urls(cfg.data))
     train_set = data_lib.open_dataset(train_url, cfg.data)
     if not train_set.has_labels:
         raise ConfigError(f"data.url={train_url!r} has no labels (.cls); fine-tuning needs a labeled "

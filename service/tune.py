@@ -301,12 +301,12 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
 
     from service import data as data_lib
     from service import distributed
-    from service.pretrain import _absolute, forwarded_env, storage_location
+    from service.launch import absolute_url, forwarded_env, storage_location
     from service.tracking import resolve_tracking_uri
 
     cfg.validate()
     dims = parse_space(cfg)
-    train_url, val_url = (_absolute(u) for u in data_lib.resolve_data_urls(cfg.data))
+    train_url, val_url = (absolute_url(u) for u in data_lib.resolve_data_urls(cfg.data))
     if not val_url:
         raise ConfigError("sweeps compare trials on a held-out split: set data.val_url "
                           "(the embedded data set has one when data.url is empty)")
@@ -322,7 +322,7 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
         "mlflow.tracking_uri": tracking_uri,
         "mlflow.register": False,  # only the best trial's model is registered, below
         "checkpoint.resume": True,  # a resumed sweep continues its unfinished trials
-        "checkpoint.storage_path": _join(_absolute(cfg.sweep.storage_path), cfg.sweep.name, "train_runs"),
+        "checkpoint.storage_path": _join(absolute_url(cfg.sweep.storage_path), cfg.sweep.name, "train_runs"),
     })
 
     distributed.connect_ray(cfg.dist.ray_address)
@@ -369,7 +369,7 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode, num_samples=cfg.sweep.num_samples,
                 max_concurrent_trials=concurrency, search_alg=_searcher(cfg),
-                scheduler=_scheduler(cfg, _join(_absolute(cfg.sweep.storage_path), cfg.sweep.name,
+                scheduler=_scheduler(cfg, _join(absolute_url(cfg.sweep.storage_path), cfg.sweep.name,
                                                 "asha_state.json")),
             ),
             run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=storage_path,
@@ -445,7 +445,7 @@ def resumable_asha(state_url: str, data_config: dict[str, Any], **asha_kwargs: A
             import fsspec
 
             from service.config import DataConfig
-            from service.pretrain import persistable_storage_options
+            from service.launch import persistable_storage_options
 
             remote = self._state_url.startswith(("s3://", "s3a://"))
             options = persistable_storage_options(from_dict(DataConfig, self._data_config)) if remote else {}
@@ -590,7 +590,8 @@ def _register_best(cfg: TuneJobConfig, base: PretrainConfig, best: TrialSummary,
         from mlflow import MlflowClient
         from ray.train import Checkpoint
 
-        from service.pretrain import RUN_NAME_TAG, register_checkpoint
+        from service.launch import RUN_NAME_TAG
+        from service.pretrain import register_checkpoint
 
         run_name = trial_run_name(cfg.sweep.name, best.trial_id)
         trial_cfg = with_overrides(base, {**best.params, "run_name": run_name, "mlflow.register": True})
