@@ -178,19 +178,8 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
     launch.tracker.log_params({"num_classes_resolved": num_classes, "img_size_resolved": model_config.img_size})
     # Workers get the pretrained weights through the object store: one download, on the driver.
     init_weights = ray.put({k: v.detach().cpu() for k, v in source.model.state_dict().items()})
-    loop_config = {
-        "config": to_dict(cfg),
-        "model_config": model_config.to_dict(),
-        "num_classes": num_classes,
-        "init_weights": init_weights,
-        "use_gpu": launch.use_gpu,
-        "precision": launch.precision,
-        "lr": cfg.learning_rate,
-        "train_url": train_url,
-        "val_url": val_url,
-        "tracking_uri": launch.tracking_uri,
-        "mlflow_run_id": launch.run_id,
-    }
+    loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url, num_classes=num_classes,
+                                     model_config=model_config.to_dict(), init_weights=init_weights)
     result = fit_workers(finetune_worker, loop_config, cfg, launch, callbacks)
     checkpoint, run_id = result.checkpoint, launch.run_id
 

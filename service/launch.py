@@ -35,6 +35,20 @@ class Launch:
     run_id: str | None  # None when MLflow is off or down
     tracker: Tracker
 
+    def loop_config(self, cfg: Any, *, train_url: str, val_url: str | None, **extra: Any) -> dict[str, Any]:
+        """What every worker gets: the config, devices, base lr, data URLs, MLflow run, plus ``extra``."""
+        return {
+            "config": to_dict(cfg),
+            "use_gpu": self.use_gpu,
+            "precision": self.precision,
+            "lr": cfg.learning_rate,
+            "train_url": train_url,
+            "val_url": val_url,
+            "tracking_uri": self.tracking_uri,
+            "mlflow_run_id": self.run_id,
+            **extra,
+        }
+
 
 def open_launch(cfg: Any, *, train_url: str, parent_run_id: str | None = None,
                 tags: dict[str, str] | None = None) -> Launch:

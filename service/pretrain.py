@@ -52,16 +52,7 @@ def run_pretraining(
              f", validation {val_url}" if val_url else "")
 
     launch = open_launch(cfg, train_url=train_url, parent_run_id=parent_run_id, tags=tags)
-    loop_config = {
-        "config": to_dict(cfg),
-        "use_gpu": launch.use_gpu,
-        "precision": launch.precision,
-        "lr": cfg.learning_rate,
-        "train_url": train_url,
-        "val_url": val_url,
-        "tracking_uri": launch.tracking_uri,
-        "mlflow_run_id": launch.run_id,
-    }
+    loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url)
     result = fit_workers(train_worker, loop_config, cfg, launch, callbacks)
     checkpoint = result.checkpoint
     metrics = dict(result.metrics or {})
