@@ -14,31 +14,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from service.cli import build_parser, parse_config, report_config_error, setup_logging  # noqa: E402
-from service.config import ConfigError, PretrainConfig  # noqa: E402
+from service.cli import run_job  # noqa: E402
+from service.config import PretrainConfig  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
-        "pretrain.py",
-        __doc__.split("\n\n")[0],
-        PretrainConfig,
-        "python jobs/pretrain.py --config jobs/configs/tiny_cpu.yaml --train.epochs 3 --dist.num_workers 2",
-    )
-    _, config = parse_config(parser, PretrainConfig, argv)
-    setup_logging()
-    from service.data import DataError
+def _train(config: PretrainConfig):
     from service.pretrain import run_pretraining
 
-    try:
-        result = run_pretraining(config)
-    except (ConfigError, DataError) as exc:
-        report_config_error(parser, exc)
+    return run_pretraining(config)
+
+
+def _report(result, config: PretrainConfig) -> int:
     print(f"run {result.run_name}: checkpoint {result.checkpoint_path}")
     print(f"metrics: {result.metrics}")
     if result.registered_uri:
         print(f"registered model: {result.registered_uri} (MLflow {result.tracking_uri})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    example = "python jobs/pretrain.py --config jobs/configs/tiny_cpu.yaml --train.epochs 3 --dist.num_workers 2"
+    return run_job("pretrain.py", __doc__.split("\n\n")[0], PretrainConfig, example, _train, _report, argv)
 
 
 if __name__ == "__main__":

@@ -19,34 +19,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from service.cli import build_parser, parse_config, report_config_error, setup_logging  # noqa: E402
-from service.config import ConfigError  # noqa: E402
+from service.cli import run_job  # noqa: E402
 from service.tune import TuneJobConfig  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
-        "tune.py",
-        __doc__,
-        TuneJobConfig,
-        "python jobs/tune.py --config jobs/configs/sweep_tiny_cpu.yaml --sweep.searcher tpe --sweep.num_samples 8",
-    )
-    _, config = parse_config(parser, TuneJobConfig, argv)
-    setup_logging()
-    from service.data import DataError
+def _sweep(config: TuneJobConfig):
     from service.tune import run_sweep
 
-    try:
-        result = run_sweep(config)
-    except (ConfigError, DataError) as exc:
-        report_config_error(parser, exc)
+    return run_sweep(config)
+
+
+def _report(result, config: TuneJobConfig) -> int:
     print(f"\nsweep {result.name}: objective {result.metric} ({result.mode}), {len(result.trials)} trial(s)")
     print(result.table)
+    if result.interrupted:
+        print("the sweep was interrupted; run the same command again to resume it")
+        return 1
     if result.best is not None:
         print(f"best trial {result.best.trial_id}: {result.metric}={result.best.objective:.4f} {result.best.params}")
     if result.registered_uri:
         print(f"best model: {result.registered_uri} (MLflow {result.tracking_uri})")
     return 0 if result.best is not None else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    example = "python jobs/tune.py --config jobs/configs/sweep_tiny_cpu.yaml --sweep.searcher tpe --sweep.num_samples 8"
+    return run_job("tune.py", __doc__, TuneJobConfig, example, _sweep, _report, argv)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from service.config import ConfigError, dump_yaml, flatten, load_config, parse_cli_overrides
 
 C = TypeVar("C")
+R = TypeVar("R")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -53,3 +54,27 @@ def parse_config(parser: argparse.ArgumentParser, config_cls: type[C], argv: Seq
 
 def report_config_error(parser: argparse.ArgumentParser, exc: Exception) -> Any:
     parser.exit(2, f"{parser.prog}: error: {exc}\n")
+
+
+def run_job(
+    prog: str,
+    description: str,
+    config_cls: type[C],
+    example: str,
+    run: Callable[[C], R],
+    report: Callable[[R, C], int],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """What every job does: parse and validate its config (exit 2 on a bad one), run, and print
+    the result; bad input found while running (a missing bucket, an unloadable model) also
+    exits 2 with one line naming it, instead of a traceback."""
+    parser = build_parser(prog, description, config_cls, example)
+    _, config = parse_config(parser, config_cls, argv)
+    setup_logging()
+    from service.job_errors import USER_ERRORS
+
+    try:
+        result = run(config)
+    except USER_ERRORS as exc:
+        report_config_error(parser, exc)
+    return report(result, config)
