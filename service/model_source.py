@@ -150,7 +150,6 @@ def _random_model(uri: str, *, img_size: int | None, seed: int) -> ModelSource:
 
 
 def _from_mlflow(uri: str, tracking_uri: str | None) -> ModelSource:
-    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -158,12 +157,13 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> ModelSource:
     from service.registry import download_model_dir
     from service.tracking import resolve_tracking_uri
 
+    # Explicit URIs only: mlflow.set_tracking_uri would also rewrite MLFLOW_TRACKING_URI for
+    # this process and everything it starts.
     tracking_uri = resolve_tracking_uri(tracking_uri or "")
-    mlflow.set_tracking_uri(tracking_uri)
     try:
-        run_id = mlflow_run_id(MlflowClient(tracking_uri=tracking_uri), uri)
+        run_id = mlflow_run_id(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), uri)
         with tempfile.TemporaryDirectory(prefix="convmae-model-") as tmp:
-            model = load_pretrained(download_model_dir(uri, tmp))
+            model = load_pretrained(download_model_dir(uri, tmp, tracking_uri=tracking_uri))
     except MlflowException as exc:
         raise ModelSourceError(f"--model {uri!r}: MLflow at {tracking_uri} cannot provide it: "
                                f"{str(exc).splitlines()[0]}") from None

@@ -77,12 +77,14 @@ def log_and_register(
             "registered_uri": f"models:/{registered_name}/{version}" if version else None}
 
 
-def download_model_dir(uri: str, dest: str | Path | None = None) -> Path:
-    """The ``save_pretrained`` folder behind a ``models:/`` or ``runs:/`` URI."""
+def download_model_dir(uri: str, dest: str | Path | None = None, *, tracking_uri: str | None = None) -> Path:
+    """The ``save_pretrained`` folder behind a ``models:/`` or ``runs:/`` URI (from
+    ``tracking_uri``, else MLflow's current tracking URI; the global setting is left alone)."""
     import mlflow
 
     dest = Path(dest or tempfile.mkdtemp(prefix="convmae-model-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking_uri,
+                                                     registry_uri=tracking_uri))
     for candidate in (local / "artifacts" / WEIGHTS_ARTIFACT, local / WEIGHTS_ARTIFACT, local):
         if (candidate / "config.json").exists():
             return candidate
@@ -97,11 +99,7 @@ def load_model(uri: str, *, tracking_uri: str | None = None):
     from convmae import load_pretrained
 
     if uri.startswith(("models:/", "runs:/")):
-        if tracking_uri:
-            import mlflow
-
-            mlflow.set_tracking_uri(tracking_uri)
-        return load_pretrained(download_model_dir(uri))
+        return load_pretrained(download_model_dir(uri, tracking_uri=tracking_uri))
     return load_pretrained(uri)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import os
 import threading
 import uuid
 
@@ -145,8 +146,10 @@ def registered(mlflow_server, tmp_path_factory):
 
 
 @pytest.mark.parametrize("suffix", ["/1", "@champion", "/latest"])
-def test_registered_model_by_models_uri_knows_its_run(mlflow_server, registered, suffix):
+def test_registered_model_by_models_uri_knows_its_run(mlflow_server, registered, suffix, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////nonexistent/elsewhere.db")
     loaded = load_model_source(f"models:/{registered['name']}{suffix}", tracking_uri=mlflow_server)
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////nonexistent/elsewhere.db"  # global state untouched
     assert loaded.kind == "mlflow" and loaded.run_id == registered["run_id"]
     assert loaded.tracking_uri == mlflow_server
     assert same_weights(loaded.model, registered["model"])
