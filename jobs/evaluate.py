@@ -19,33 +19,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from service.cli import build_parser, parse_config, report_config_error, setup_logging  # noqa: E402
+from service.cli import run_job  # noqa: E402
 from service.evaluate import EvaluateConfig  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
-        "evaluate.py",
-        __doc__,
-        EvaluateConfig,
-        "python jobs/evaluate.py --model models:/convmae-tiny@champion --knn_k 20\n"
-        "  python jobs/evaluate.py --model random:convmae_tiny:64      # untrained baseline",
-    )
-    _, config = parse_config(parser, EvaluateConfig, argv)
-    setup_logging()
+def _evaluate(config: EvaluateConfig):
     from service.evaluate import run_evaluation
-    from service.job_errors import USER_ERRORS
 
-    try:
-        result = run_evaluation(config)
-    except USER_ERRORS as exc:
-        report_config_error(parser, exc)
+    return run_evaluation(config)
+
+
+def _report(result, config: EvaluateConfig) -> int:
     print(result.table())
     if result.logged:
         print(f"logged to MLflow run {result.run_id}")
-    elif config.output:
+    if config.output:
         print(f"results written to {config.output}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    example = ("python jobs/evaluate.py --model models:/convmae-tiny@champion --knn_k 20\n"
+               "  python jobs/evaluate.py --model random:convmae_tiny:64      # untrained baseline")
+    return run_job("evaluate.py", __doc__, EvaluateConfig, example, _evaluate, _report, argv)
 
 
 if __name__ == "__main__":

@@ -17,26 +17,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from service.cli import build_parser, parse_config, report_config_error, setup_logging  # noqa: E402
+from service.cli import run_job  # noqa: E402
 from service.finetune import FinetuneConfig  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
-        "finetune.py",
-        __doc__,
-        FinetuneConfig,
-        "python jobs/finetune.py --config jobs/configs/finetune_tiny_cpu.yaml --model models:/convmae-tiny/1",
-    )
-    _, config = parse_config(parser, FinetuneConfig, argv)
-    setup_logging()
+def _finetune(config: FinetuneConfig):
     from service.finetune import run_finetuning
-    from service.job_errors import USER_ERRORS
 
-    try:
-        result = run_finetuning(config)
-    except USER_ERRORS as exc:
-        report_config_error(parser, exc)
+    return run_finetuning(config)
+
+
+def _report(result, config: FinetuneConfig) -> int:
     start, end = result.metrics.get("val/top1_start"), result.metrics.get("val/top1")
     print(f"run {result.run_name}: fine-tuned {result.source}, {result.num_classes} classes; "
           f"checkpoint {result.checkpoint_path}")
@@ -45,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     if result.registered_uri:
         print(f"registered model: {result.registered_uri} (MLflow {result.tracking_uri})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    example = "python jobs/finetune.py --config jobs/configs/finetune_tiny_cpu.yaml --model models:/convmae-tiny/1"
+    return run_job("finetune.py", __doc__, FinetuneConfig, example, _finetune, _report, argv)
 
 
 if __name__ == "__main__":

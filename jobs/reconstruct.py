@@ -18,30 +18,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from service.cli import build_parser, parse_config, report_config_error, setup_logging  # noqa: E402
+from service.cli import run_job  # noqa: E402
 from service.reconstruct import ReconstructConfig  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(
-        "reconstruct.py",
-        __doc__,
-        ReconstructConfig,
-        "python jobs/reconstruct.py --model models:/convmae-tiny/1 --images 8 --out grid.png "
-        "--mask_ratio 0.75 --seed 0",
-    )
-    _, config = parse_config(parser, ReconstructConfig, argv)
-    setup_logging()
-    from service.job_errors import USER_ERRORS
+def _reconstruct(config: ReconstructConfig):
     from service.reconstruct import run_reconstruct
 
-    try:
-        result = run_reconstruct(config)
-    except USER_ERRORS as exc:
-        report_config_error(parser, exc)
+    return run_reconstruct(config)
+
+
+def _report(result, config: ReconstructConfig) -> int:
     print(f"wrote {result.path} ({result.size[0]}x{result.size[1]} px, {result.images} images) "
           f"from {result.model}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    example = ("python jobs/reconstruct.py --model models:/convmae-tiny/1 --images 8 --out grid.png "
+               "--mask_ratio 0.75 --seed 0")
+    return run_job("reconstruct.py", __doc__, ReconstructConfig, example, _reconstruct, _report, argv)
 
 
 if __name__ == "__main__":
