@@ -168,6 +168,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if val:
                 log.info("epoch %d validation: %s", finished_epoch + 1,
                          ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
+        state.extra["epoch_metrics"] = epoch_metrics  # reported again on resume (see start_session)
         save({**epoch_metrics, "train/loss": last_loss})
 
     if last_saved_step != state.optimizer_step:
@@ -196,6 +197,13 @@ def start_session(model: torch.nn.Module, cfg: Any, loop_config: dict[str, Any],
                                              precision=loop_config["precision"], lr=lr)
     engine = distributed.build_engine(model, cfg, ds_config, lr, groups=groups)
     state = checkpointing.restore(engine, ctx.rank) or TrainState()
+    if state.extra.get("epoch_metrics"):
+        # A run resumed after its last epoch-end report may never have had that report seen
+        # (a sweep interrupted right after it): say it again, so Tune's scheduler gets to decide
+        # at that epoch. Every worker reports, as Ray Train requires.
+        import ray.train
+
+        ray.train.report(dict(state.extra["epoch_metrics"]))
     is_chief = ctx.rank == 0
     tracker: Tracker = (
         Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"], enabled=cfg.mlflow.enabled,

@@ -59,19 +59,20 @@ def sweep_config(storage: str, digits_dir: Path, tracking_uri: str) -> TuneJobCo
     }).validate()
 
 
-def interrupt_when_second_trial_starts(experiment: str) -> threading.Thread:
-    """Sends this process SIGUSR1 (Tune's stop signal, like Ctrl+C) once trial 0 finished."""
-    import s3fs
+def interrupt_when_second_trial_starts(tracking_uri: str) -> threading.Thread:
+    """Sends this process SIGUSR1 (Tune's stop signal, like Ctrl+C) as soon as trial 1 opens its
+    MLflow run, i.e. after trial 0 finished and before trial 1 trains."""
 
     def watch() -> None:
-        fs = s3fs.S3FileSystem()
+        client = MlflowClient(tracking_uri)
         deadline = time.time() + 600
         while time.time() < deadline:
-            fs.invalidate_cache()
-            if fs.exists(experiment) and any("_00001_" in p for p in fs.ls(experiment)):
-                time.sleep(2)  # let trial 1 get going, so it is interrupted mid-run
-                os.kill(os.getpid(), signal.SIGUSR1)
-                return
+            experiment = client.get_experiment_by_name("sweep-e2e")
+            if experiment is not None:
+                runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = 'lr'")
+                if any(r.data.tags.get("convmae.trial_id", "").endswith("_00001") for r in runs):
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                    return
             time.sleep(0.5)
 
     thread = threading.Thread(target=watch, daemon=True)
@@ -96,7 +97,7 @@ def test_sweep_stops_bad_trials_resumes_after_interruption_and_registers_the_bes
 ):
     cfg = sweep_config(f"{s3_bucket}/sweeps", digits_dir, mlflow_server)
     experiment = f"{s3_bucket.removeprefix('s3://')}/sweeps/lr"
-    watcher = interrupt_when_second_trial_starts(experiment)
+    watcher = interrupt_when_second_trial_starts(mlflow_server)
 
     first = run_sweep(cfg)
     watcher.join(timeout=5)
