@@ -149,3 +149,20 @@ def test_summary_table_marks_the_best_trial():
     assert table[0].split() == ["trial", "train.blr", "status", "epochs", "val/recon_loss", "train/loss"]
     assert table[2].startswith("a_00000 *") and "completed" in table[2]
     assert "stopped early" in table[3] and "*" not in table[3]
+
+
+def test_tpe_searcher_is_optuna_tpe_over_the_space_and_asha_runs_on_epochs():
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from service.tune import TIME_ATTR, _scheduler, _searcher
+
+    cfg = job(**{"sweep.searcher": "tpe", "sweep.seed": 7, "train.epochs": 8, "sweep.grace_period": 2}).validate()
+    searcher = _searcher(cfg)
+    assert isinstance(searcher, OptunaSearch)
+    assert isinstance(searcher._sampler, optuna.samplers.TPESampler)
+    assert _searcher(job()) is None  # random: Tune's own variant generator
+    scheduler = _scheduler(cfg, "/tmp/unused/asha_state.json")
+    assert scheduler._time_attr == TIME_ATTR and scheduler._max_t == 8
+    assert [milestone for milestone, _ in scheduler._brackets[0]._rungs] == [8, 4, 2]  # grace 2, factor 2, up to 8
+    assert _scheduler(job(**{"sweep.scheduler": "fifo"}), "/unused") is None
