@@ -366,6 +366,13 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     _check(m.img_size >= 16 and m.img_size % 16 == 0, "model.img_size", m.img_size, "a positive multiple of 16")
     _check(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "0 <= mask_ratio < 1")
     _check(0.0 < t.eval_mask_ratio < 1.0, "train.eval_mask_ratio", t.eval_mask_ratio, "0 < ratio < 1")
+    if m.img_size >= 16 and m.img_size % 16 == 0:
+        # The encoder must see at least one 16x16 patch: int(L * (1 - ratio)) >= 1.
+        patches = (m.img_size // 16) ** 2
+        for key, ratio in (("model.mask_ratio", m.mask_ratio), ("train.eval_mask_ratio", t.eval_mask_ratio)):
+            _check(int(patches * (1.0 - ratio)) >= 1, key, ratio,
+                   f"at most {(patches - 1) / patches:g} at model.img_size={m.img_size} ({patches} patches of "
+                   "16x16; the encoder must see one)")
     _check(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, ">= 0")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, ">= 1")
     _check(0.0 < d.min_crop_scale <= 1.0, "data.min_crop_scale", d.min_crop_scale, "0 < scale <= 1")

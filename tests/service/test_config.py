@@ -85,3 +85,15 @@ def test_shipped_presets_load(tmp_path):
         assert cfg.run_name
     base = load_config(PretrainConfig, root / "convmae_base_in1k.yaml")
     assert base.model.name == "convmae_base" and base.effective_batch_size == 3072
+
+
+def test_mask_ratio_must_leave_the_encoder_a_visible_patch():
+    from service.config import ConfigError
+
+    small = PretrainConfig()  # convmae_tiny at 32 px: 4 patches of 16x16
+    with_overrides(small, {"model.mask_ratio": 0.75}).validate()  # 1 visible
+    with pytest.raises(ConfigError, match=r"model.mask_ratio=0.9 is not allowed: at most 0.75 at model.img_size=32"):
+        with_overrides(small, {"model.mask_ratio": 0.9}).validate()
+    with pytest.raises(ConfigError, match=r"train.eval_mask_ratio=0.8 is not allowed"):
+        with_overrides(small, {"train.eval_mask_ratio": 0.8}).validate()
+    with_overrides(small, {"model.mask_ratio": 0.9, "model.img_size": 64}).validate()  # 16 patches: 1 visible

@@ -102,11 +102,11 @@ def test_searcher_and_scheduler_settings_are_validated():
 def test_domains_follow_the_searcher():
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    cfg = job(**{"sweep.space": {"model.mask_ratio": "grid [0.6, 0.9]", "train.warmup_epochs": "choice [0, 1]",
+    cfg = job(**{"sweep.space": {"model.mask_ratio": "grid [0.5, 0.75]", "train.warmup_epochs": "choice [0, 1]",
                                  "train.blr": "loguniform [1e-4, 1e-3]", "train.log_every_steps": "randint [1, 3]"}})
     dims = parse_space(cfg)
     random = param_space(dims, "random")
-    assert random["model.mask_ratio"] == {"grid_search": [0.6, 0.9]}  # enumerated
+    assert random["model.mask_ratio"] == {"grid_search": [0.5, 0.75]}  # enumerated
     assert isinstance(random["train.warmup_epochs"], Categorical)  # sampled
     assert isinstance(random["train.blr"], Float)
     assert isinstance(random["train.log_every_steps"], Integer)
@@ -166,3 +166,9 @@ def test_tpe_searcher_is_optuna_tpe_over_the_space_and_asha_runs_on_epochs():
     assert scheduler._time_attr == TIME_ATTR and scheduler._max_t == 8
     assert [milestone for milestone, _ in scheduler._brackets[0]._rungs] == [8, 4, 2]  # grace 2, factor 2, up to 8
     assert _scheduler(job(**{"sweep.scheduler": "fifo"}), "/unused") is None
+
+
+def test_grid_values_the_model_size_cannot_take_fail_up_front():
+    with pytest.raises(ConfigError, match=r"sweep.space.model.mask_ratio: value 0.9 .*at most 0.75"):
+        job(**{"sweep.space": {"model.mask_ratio": "grid [0.6, 0.9]"}}).validate()
+    job(**{"model.img_size": 64, "sweep.space": {"model.mask_ratio": "grid [0.6, 0.9]"}}).validate()
