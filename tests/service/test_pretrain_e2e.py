@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from mlflow import MlflowClient
+from ray.train import UserCallback
 
 from service.config import PretrainConfig, with_overrides
 from service.pretrain import run_pretraining
@@ -130,3 +131,32 @@ def test_zero_stage_smoke(ray_cluster, digits_dir, tmp_path, stage):
     images = torch.randn(2, 3, 32, 32)
     loss, pred, mask = model(images, mask_ratio=0.75)
     assert torch.isfinite(loss) and pred.shape == (2, 4, 16 * 16 * 3)
+
+
+class RecordReports(UserCallback):
+    """A Ray Train callback (it runs in the controller) appending every report to a file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        import json
+
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"metrics": metrics[0], "checkpoint": checkpoint is not None}) + "\n")
+
+
+def test_a_resumed_run_first_repeats_its_last_epoch_report(ray_cluster, digits_dir, tmp_path):
+    """So that Tune's scheduler sees every epoch of a trial even if a sweep was cut off right
+    after an epoch-end report: the resumed run says it again, without a checkpoint."""
+    import json
+
+    first = tiny_config(tmp_path, digits_dir, **{"run_name": "again", "dist.num_workers": 1,
+                                                 "checkpoint.every_steps": 1000})
+    run_pretraining(first)
+    log = tmp_path / "reports.jsonl"
+    run_pretraining(with_overrides(first, {"train.epochs": 2}), callbacks=[RecordReports(str(log))])
+    reports = [json.loads(line) for line in log.read_text().splitlines()]
+    assert reports[0]["checkpoint"] is False
+    assert reports[0]["metrics"]["epochs_completed"] == 1 and "val/recon_loss" in reports[0]["metrics"]
+    assert reports[-1]["checkpoint"] is True and reports[-1]["metrics"]["epochs_completed"] == 2
