@@ -146,3 +146,24 @@ def test_sweep_stops_bad_trials_resumes_after_interruption_and_registers_the_bes
     assert version.run_id == best_run.info.run_id
     model = load_model(second.registered_uri, tracking_uri=mlflow_server)
     assert model.config.img_size == 32
+
+
+def test_tpe_sweep_samples_the_space_and_registers_its_best(ray_cluster, digits_dir, tmp_path):
+    cfg = with_overrides(sweep_config(str(tmp_path / "sweeps"), digits_dir, f"sqlite:///{tmp_path}/mlruns.db"), {
+        "train.epochs": 1,
+        "sweep.name": "tpe",
+        "sweep.searcher": "tpe",
+        "sweep.num_samples": 2,
+        "sweep.scheduler": "fifo",
+        "sweep.objective": "auto",  # labeled digits: k-NN top-1
+        "sweep.space": {"model.mask_ratio": "choice [0.5, 0.75]", "train.blr": "loguniform [1e-4, 1e-3]"},
+    }).validate()
+    result = run_sweep(cfg)
+    assert (result.metric, result.mode) == ("val/knn_top1", "max")
+    assert [t.status for t in result.trials] == ["completed", "completed"]
+    for trial in result.trials:
+        assert trial.params["model.mask_ratio"] in (0.5, 0.75)
+        assert 1e-4 <= trial.params["train.blr"] <= 1e-3
+        assert 0.0 <= trial.objective <= 1.0
+    assert result.best.objective == max(t.objective for t in result.trials)
+    assert result.registered_uri == "models:/sweep-tiny@best-sweep-tpe"
