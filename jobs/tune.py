@@ -5,7 +5,7 @@ trials early on a comparable validation objective; the best trial's model is reg
 MLflow under the alias best-sweep-<name>. With no flags it sweeps the tiny model on the
 embedded data set on this machine. An interrupted sweep resumes when run again.
 
-    ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/sweep_base.yaml
+    ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/sweep_base_in1k.yaml
 
 Search-space entries are dotted pretraining keys with a kind and a list, e.g.
     --sweep.space.model.mask_ratio 'grid [0.6, 0.75, 0.9]' --sweep.space.train.blr 'loguniform [1e-4, 1e-3]'

@@ -58,3 +58,14 @@ def test_print_config_shows_the_resolved_yaml(tmp_path):
     assert resolved["sweep"]["num_samples"] == 3
     assert resolved["sweep"]["space"]["model.mask_ratio"] == "grid [0.6, 0.75, 0.9]"
     assert resolved["model"]["name"] == "convmae_tiny"
+
+
+def test_every_config_file_the_docs_and_jobs_name_exists():
+    import re
+
+    root = JOBS.parent
+    texts = [root / "README.md", root / "infra" / "README.md", *JOBS.glob("*.py")]
+    named = {m for path in texts for m in re.findall(r"jobs/configs/[\w.-]+\.yaml", path.read_text())}
+    assert named
+    missing = sorted(p for p in named if not (root / p).is_file())
+    assert not missing, f"named but missing: {missing}"
