@@ -361,7 +361,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     """Fails fast, before Ray starts, with the bad key, its value and what is allowed."""
     from convmae import PRESETS  # the model package owns the preset names
 
-    m, d, t, g, c = cfg.model, cfg.data, cfg.train, cfg.dist, cfg.checkpoint
+    m, d, t = cfg.model, cfg.data, cfg.train
     _check(m.name in PRESETS, "model.name", m.name, f"one of {', '.join(sorted(PRESETS))}")
     _check(m.img_size >= 16 and m.img_size % 16 == 0, "model.img_size", m.img_size, "a positive multiple of 16")
     _check(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "0 <= mask_ratio < 1")
@@ -373,10 +373,27 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
             _check(int(patches * (1.0 - ratio)) >= 1, key, ratio,
                    f"at most {(patches - 1) / patches:g} at model.img_size={m.img_size} ({patches} patches of "
                    "16x16; the encoder must see one)")
-    _check(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, ">= 0")
+    validate_data_loading(d)
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, ">= 1")
-    _check(0.0 < d.min_crop_scale <= 1.0, "data.min_crop_scale", d.min_crop_scale, "0 < scale <= 1")
     _check(d.max_retries >= 0, "data.max_retries", d.max_retries, ">= 0")
+    validate_optimization(t)
+    _check(t.knn_k >= 0, "train.knn_k", t.knn_k, ">= 0 (0 turns k-NN off)")
+    _check(t.knn_train_samples >= 1, "train.knn_train_samples", t.knn_train_samples, ">= 1")
+    validate_run(cfg)
+    _check(cfg.mlflow.recon_every_epochs >= 1, "mlflow.recon_every_epochs",
+           cfg.mlflow.recon_every_epochs, ">= 1")
+
+
+# Checks shared by every job that trains on Ray Train workers (pretraining, fine-tuning).
+
+
+def validate_data_loading(d: DataConfig) -> None:
+    _check(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, ">= 0")
+    _check(0.0 < d.min_crop_scale <= 1.0, "data.min_crop_scale", d.min_crop_scale, "0 < scale <= 1")
+
+
+def validate_optimization(t: Any) -> None:
+    """The ``train.*`` keys of the optimizer, schedule and loop that every training job has."""
     _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
     _check(t.batch_size_per_worker >= 1, "train.batch_size_per_worker", t.batch_size_per_worker, ">= 1")
     _check(t.blr > 0, "train.blr", t.blr, "> 0")
@@ -389,9 +406,12 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     _check(t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", t.clip_grad, "> 0 or null")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1 or null")
     _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
-    _check(t.knn_k >= 0, "train.knn_k", t.knn_k, ">= 0 (0 turns k-NN off)")
-    _check(t.knn_train_samples >= 1, "train.knn_train_samples", t.knn_train_samples, ">= 1")
     _check(t.val_every_epochs >= 1, "train.val_every_epochs", t.val_every_epochs, ">= 1")
+
+
+def validate_run(cfg: Any) -> None:
+    """``run_name``, ``dist.*`` and ``checkpoint.*``: how and where a training job runs."""
+    g, c = cfg.dist, cfg.checkpoint
     _check(g.num_workers >= 1, "dist.num_workers", g.num_workers, ">= 1")
     _check(g.cpus_per_worker > 0, "dist.cpus_per_worker", g.cpus_per_worker, "> 0")
     _check(g.gpus_per_worker > 0, "dist.gpus_per_worker", g.gpus_per_worker, "> 0")
@@ -408,5 +428,3 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     _check(bool(c.storage_path), "checkpoint.storage_path", c.storage_path, "a local path or URL")
     _check(bool(cfg.run_name) and "/" not in cfg.run_name, "run_name", cfg.run_name,
            "a non-empty name without '/'")
-    _check(cfg.mlflow.recon_every_epochs >= 1, "mlflow.recon_every_epochs",
-           cfg.mlflow.recon_every_epochs, ">= 1")

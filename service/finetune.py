@@ -15,7 +15,6 @@ RandomResizedCrop + flip is the only augmentation); see README.
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,9 @@ from service.config import (
     PretrainConfig,
     _check,
     to_dict,
+    validate_data_loading,
+    validate_optimization,
+    validate_run,
 )
 from service.model_source import DEFAULT_MODEL, validate_source_keys
 from service.tracking import resolve_tracking_uri
@@ -93,40 +95,19 @@ class FinetuneConfig:
 
 def validate_finetune(cfg: FinetuneConfig) -> None:
     """Fails fast, before Ray starts, naming the bad key, its value and what is allowed."""
-    t, g = cfg.train, cfg.dist
+    t = cfg.train
     validate_source_keys(cfg)
     _check(cfg.num_classes >= 0, "num_classes", cfg.num_classes, ">= 0 (0: from the data)")
     _check(0.0 <= cfg.drop_path < 1.0, "drop_path", cfg.drop_path, "0 <= drop_path < 1")
-    _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
-    _check(t.batch_size_per_worker >= 1, "train.batch_size_per_worker", t.batch_size_per_worker, ">= 1")
-    _check(t.blr > 0, "train.blr", t.blr, "> 0")
-    _check(t.lr is None or t.lr > 0, "train.lr", t.lr, "> 0 or null")
-    _check(t.min_lr >= 0, "train.min_lr", t.min_lr, ">= 0")
-    _check(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, ">= 0")
-    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
-    _check(all(0.0 <= b < 1.0 for b in t.betas), "train.betas", t.betas, "two values in [0, 1)")
+    validate_optimization(t)
     _check(0.0 < t.layer_decay <= 1.0, "train.layer_decay", t.layer_decay, "0 < layer_decay <= 1 (1: off)")
     _check(t.mixup >= 0, "train.mixup", t.mixup, ">= 0 (0 turns Mixup off)")
     _check(t.cutmix >= 0, "train.cutmix", t.cutmix, ">= 0 (0 turns CutMix off)")
     _check(0.0 <= t.mixup_prob <= 1.0, "train.mixup_prob", t.mixup_prob, "0 <= p <= 1")
     _check(0.0 <= t.mixup_switch_prob <= 1.0, "train.mixup_switch_prob", t.mixup_switch_prob, "0 <= p <= 1")
     _check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", t.label_smoothing, "0 <= s < 1")
-    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, ">= 1")
-    _check(t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", t.clip_grad, "> 0 or null")
-    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1 or null")
-    _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
-    _check(t.val_every_epochs >= 1, "train.val_every_epochs", t.val_every_epochs, ">= 1")
-    _check(cfg.data.loader_workers >= 0, "data.loader_workers", cfg.data.loader_workers, ">= 0")
-    _check(0.0 < cfg.data.min_crop_scale <= 1.0, "data.min_crop_scale", cfg.data.min_crop_scale, "0 < scale <= 1")
-    _check(g.num_workers >= 1, "dist.num_workers", g.num_workers, ">= 1")
-    _check(g.cpus_per_worker > 0, "dist.cpus_per_worker", g.cpus_per_worker, "> 0")
-    _check(g.zero_stage in (0, 1, 2, 3), "dist.zero_stage", g.zero_stage, "one of (0, 1, 2, 3)")
-    _check(g.precision in ("auto", "bf16", "fp16", "fp32"), "dist.precision", g.precision,
-           "one of auto, bf16, fp16, fp32")
-    _check(g.max_failures >= -1, "dist.max_failures", g.max_failures, ">= 0, or -1 for unlimited")
-    _check(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", cfg.checkpoint.every_steps, ">= 1")
-    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
-    _check(bool(cfg.run_name) and "/" not in cfg.run_name, "run_name", cfg.run_name, "a non-empty name without '/'")
+    validate_data_loading(cfg.data)
+    validate_run(cfg)
 
 
 @dataclass
@@ -205,26 +186,28 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
 def _register(cfg: FinetuneConfig, checkpoint: Any, model_config: Any, num_classes: int,
               class_names: tuple[str, ...], tracking_uri: str, run_id: str, train_url: str,
               source: Any) -> dict[str, str | None]:
-    """Exports the classifier of ``checkpoint`` and registers it; a failure is a warning."""
+    """Exports the classifier of ``checkpoint`` and registers it (once); a failure is a warning."""
     from convmae import ConvMAEBackbone
-    from service.registry import export_checkpoint, git_commit, log_and_register, write_metadata
+    from service.registry import (
+        export_checkpoint,
+        git_commit,
+        register_checkpoint_once,
+        write_metadata,
+    )
 
-    try:
-        with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
-            classifier = ConvMAEBackbone(model_config, num_classes=num_classes, global_pool=cfg.global_pool)
-            model_dir = export_checkpoint(folder, model_config.to_dict(), Path(tmp) / "convmae", model=classifier)
-            write_metadata(model_dir, {"task": "classification", "num_classes": num_classes,
-                                       "class_names": list(class_names), "source_model": cfg.model,
-                                       "source_run_id": source.run_id, "run_name": cfg.run_name,
-                                       "train_url": train_url, "config": to_dict(cfg)})
-            return log_and_register(
-                model_dir, tracking_uri=tracking_uri, run_id=run_id,
-                registered_name=cfg.mlflow.registered_model_name,
-                tags={"data": train_url, "git_commit": git_commit(), "task": "classification",
-                      "source_model": cfg.model, "num_classes": str(num_classes), "run_name": cfg.run_name},
-                metadata={"task": "classification", "num_classes": num_classes},
-            )
-    except Exception as exc:  # the checkpoint stays the source of truth
-        log.warning("could not log/register the classifier in MLflow (%s: %s); the checkpoint is at %s",
-                    type(exc).__name__, exc, checkpoint.path)
-        return {"registered_uri": None, "model_uri": None}
+    def export(folder: Path, tmp: Path) -> Path:
+        classifier = ConvMAEBackbone(model_config, num_classes=num_classes, global_pool=cfg.global_pool)
+        model_dir = export_checkpoint(folder, model_config.to_dict(), tmp / "convmae", model=classifier)
+        write_metadata(model_dir, {"task": "classification", "num_classes": num_classes,
+                                   "class_names": list(class_names), "source_model": cfg.model,
+                                   "source_run_id": source.run_id, "run_name": cfg.run_name,
+                                   "train_url": train_url, "config": to_dict(cfg)})
+        return model_dir
+
+    return register_checkpoint_once(
+        checkpoint, export, tracking_uri=tracking_uri, run_id=run_id,
+        registered_name=cfg.mlflow.registered_model_name,
+        tags={"data": train_url, "git_commit": git_commit(), "task": "classification",
+              "source_model": cfg.model, "num_classes": str(num_classes), "run_name": cfg.run_name},
+        metadata={"task": "classification", "num_classes": num_classes}, what="classifier",
+    )

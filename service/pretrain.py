@@ -9,7 +9,6 @@ the consolidated model from the last checkpoint and registers it.
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,27 +77,26 @@ def run_pretraining(
 def register_checkpoint(cfg: PretrainConfig, checkpoint: Any, tracking_uri: str, run_id: str,
                         train_url: str) -> dict[str, str | None]:
     """Logs the consolidated model of ``checkpoint`` (a Ray Train Checkpoint) to ``run_id`` and
-    registers it; on failure warns and returns Nones, since the checkpoint stays the truth."""
-    from service.registry import export_checkpoint, git_commit, log_and_register, write_metadata
+    registers it (once per checkpoint); on failure warns and returns Nones."""
+    from service.registry import (
+        export_checkpoint,
+        git_commit,
+        register_checkpoint_once,
+        write_metadata,
+    )
 
-    try:
-        with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
-            model_cfg = _model_config(cfg)
-            model_dir = export_checkpoint(folder, model_cfg, Path(tmp) / "convmae")
-            write_metadata(model_dir, {"preset": cfg.model.name, "run_name": cfg.run_name,
-                                       "train_url": train_url, "config": to_dict(cfg)})
-            out = log_and_register(
-                model_dir, tracking_uri=tracking_uri, run_id=run_id,
-                registered_name=cfg.mlflow.registered_model_name,
-                tags={"data": train_url, "git_commit": git_commit(), "preset": cfg.model.name,
-                      "run_name": cfg.run_name},
-                metadata={"preset": cfg.model.name},
-            )
-            return out
-    except Exception as exc:  # the checkpoint stays the source of truth
-        log.warning("could not log/register the model in MLflow (%s: %s); the checkpoint is at %s",
-                    type(exc).__name__, exc, checkpoint.path)
-        return {"registered_uri": None, "model_uri": None, "version": None}
+    def export(folder: Path, tmp: Path) -> Path:
+        model_dir = export_checkpoint(folder, _model_config(cfg), tmp / "convmae")
+        write_metadata(model_dir, {"preset": cfg.model.name, "run_name": cfg.run_name,
+                                   "train_url": train_url, "config": to_dict(cfg)})
+        return model_dir
+
+    return register_checkpoint_once(
+        checkpoint, export, tracking_uri=tracking_uri, run_id=run_id,
+        registered_name=cfg.mlflow.registered_model_name,
+        tags={"data": train_url, "git_commit": git_commit(), "preset": cfg.model.name, "run_name": cfg.run_name},
+        metadata={"preset": cfg.model.name},
+    )
 
 
 def _model_config(cfg: PretrainConfig) -> dict[str, Any]:

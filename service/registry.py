@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,9 @@ log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
 WEIGHTS_ARTIFACT = "convmae"  # the folder written by convmae.save_pretrained inside the model
+# Model-version tag holding the checkpoint a version was exported from, so that re-running a
+# finished job (or sweep) finds its version instead of registering the same weights again.
+CHECKPOINT_TAG = "checkpoint"
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
 
 
@@ -75,6 +79,52 @@ def log_and_register(
         log.info("registered %s version %s (models:/%s/%s)", registered_name, version, registered_name, version)
     return {"model_uri": info.model_uri, "version": version,
             "registered_uri": f"models:/{registered_name}/{version}" if version else None}
+
+
+def registered_version(tracking_uri: str, registered_name: str, run_id: str,
+                       checkpoint_path: str) -> dict[str, str] | None:
+    """The version of ``registered_name`` that ``run_id`` registered from ``checkpoint_path``, if any."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    for mv in client.search_model_versions(f"name = '{registered_name}' and run_id = '{run_id}'"):
+        if (mv.tags or {}).get(CHECKPOINT_TAG) == checkpoint_path:
+            return {"model_uri": mv.source, "version": str(mv.version),
+                    "registered_uri": f"models:/{registered_name}/{mv.version}"}
+    return None
+
+
+def register_checkpoint_once(
+    checkpoint: Any,
+    export: Callable[[Path, Path], Path],
+    *,
+    tracking_uri: str,
+    run_id: str,
+    registered_name: str | None,
+    tags: dict[str, str],
+    metadata: dict[str, Any],
+    what: str = "model",
+) -> dict[str, str | None]:
+    """Exports a Ray Train ``checkpoint`` (``export(checkpoint_folder, tmp_dir) -> model_dir``),
+    logs it to ``run_id`` and registers it, unless this run already registered that checkpoint.
+
+    A failure is a warning and gives Nones: the checkpoint stays the source of truth.
+    """
+    try:
+        if registered_name:
+            found = registered_version(tracking_uri, registered_name, run_id, checkpoint.path)
+            if found:
+                log.info("%s of %s is already registered as %s", what, checkpoint.path, found["registered_uri"])
+                return found
+        with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
+            model_dir = export(Path(folder), Path(tmp))
+            return log_and_register(model_dir, tracking_uri=tracking_uri, run_id=run_id,
+                                    registered_name=registered_name,
+                                    tags={**tags, CHECKPOINT_TAG: checkpoint.path}, metadata=metadata)
+    except Exception as exc:
+        log.warning("could not log/register the %s in MLflow (%s: %s); the checkpoint is at %s",
+                    what, type(exc).__name__, exc, checkpoint.path)
+        return {"registered_uri": None, "model_uri": None, "version": None}
 
 
 def download_model_dir(uri: str, dest: str | Path | None = None, *, tracking_uri: str | None = None) -> Path:

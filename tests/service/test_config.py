@@ -97,3 +97,23 @@ def test_mask_ratio_must_leave_the_encoder_a_visible_patch():
     with pytest.raises(ConfigError, match=r"train.eval_mask_ratio=0.8 is not allowed"):
         with_overrides(small, {"train.eval_mask_ratio": 0.8}).validate()
     with_overrides(small, {"model.mask_ratio": 0.9, "model.img_size": 64}).validate()  # 16 patches: 1 visible
+
+
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("dist.gpus_per_worker", 0, "gpus_per_worker=0"),
+        ("dist.offload_optimizer", True, "zero_stage >= 1"),
+        ("checkpoint.storage_path", "", "a local path or URL"),
+        ("train.max_steps", 0, "max_steps=0"),
+    ],
+)
+def test_pretraining_and_fine_tuning_check_their_shared_keys_alike(key, value, fragment):
+    from service.finetune import FinetuneConfig
+
+    overrides = {key: value, "dist.zero_stage": 0} if key == "dist.offload_optimizer" else {key: value}
+    for job_config in (PretrainConfig, FinetuneConfig):
+        with pytest.raises(ConfigError, match=fragment):
+            load_config(job_config, None, overrides)
+    with pytest.raises(ConfigError, match="fp32"):
+        load_config(FinetuneConfig, None, {"dist.use_gpu": False, "dist.precision": "bf16"})
