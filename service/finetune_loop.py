@@ -43,6 +43,7 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
     from service.train_loop import (
         _configure_logging,
         _log_progress,
+        backward_and_step,
         count_step,
         set_lr,
         start_session,
@@ -136,9 +137,7 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
             lr = lr_at(state.optimizer_step, **lr_kwargs)
             set_lr(engine, lr)
             loss = soft_target_cross_entropy(engine(images.to(dtype)), targets)
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
+            boundary = backward_and_step(engine, loss)
             last_loss = float(loss.detach())
             if not count_step(state, last_loss, boundary, images_per_micro, window_loss, meter, loader):
                 continue

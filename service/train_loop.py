@@ -129,9 +129,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             set_lr(engine, lr)
             loss, _, _ = engine(images, mask_ratio=m.mask_ratio,
                                 generator=mask_generator(t.seed, ctx.rank, state.micro_step))
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
+            boundary = backward_and_step(engine, loss)
             last_loss = float(loss.detach().float())
             if not count_step(state, last_loss, boundary, images_per_micro, window_loss, meter, loader):
                 continue
@@ -219,6 +217,14 @@ def set_lr(engine: Any, lr: float) -> None:
     """Every group's lr: ``lr`` times its ``lr_scale`` (layer-wise decay; 1 when absent)."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def backward_and_step(engine: Any, loss: torch.Tensor) -> bool:
+    """Backward and (at a gradient-accumulation boundary) an optimizer step; True at a boundary."""
+    engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.step()
+    return boundary
 
 
 def count_step(state: TrainState, loss: float, boundary: bool, images: int, window_loss: torch.Tensor,
