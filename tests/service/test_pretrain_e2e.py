@@ -160,3 +160,45 @@ def test_a_resumed_run_first_repeats_its_last_epoch_report(ray_cluster, digits_d
     assert reports[0]["checkpoint"] is False
     assert reports[0]["metrics"]["epochs_completed"] == 1 and "val/recon_loss" in reports[0]["metrics"]
     assert reports[-1]["checkpoint"] is True and reports[-1]["metrics"]["epochs_completed"] == 2
+
+
+class KillAfterFirstReport(UserCallback):
+    """Takes the MLflow server down (its whole process group) once the first report arrives."""
+
+    def __init__(self, server_pgid: int):
+        self.server_pgid = server_pgid
+
+    def after_report(self, run_context, metrics, checkpoint):
+        import os
+        import signal
+
+        try:
+            os.killpg(self.server_pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_training_goes_on_when_the_mlflow_server_goes_down(ray_cluster, digits_dir, tmp_path, caplog):
+    from tests.fixtures.mlflow_server import running_mlflow_server
+
+    (tmp_path / "mlflow").mkdir()
+    with running_mlflow_server(tmp_path / "mlflow") as server:
+        cfg = tiny_config(tmp_path, digits_dir, **{
+            "run_name": "mlflow-down", "dist.num_workers": 1, "train.max_steps": 8, "train.knn_k": 0,
+            "mlflow.tracking_uri": server.uri, "mlflow.registered_model_name": "never-registered",
+        })
+        result = run_pretraining(cfg, callbacks=[KillAfterFirstReport(server.process.pid)])
+        assert server.process.poll() is not None, "the server was not taken down mid-run"
+
+    assert result.mlflow_run_id is not None  # the run was opened while the server was up
+    assert result.metrics["step"] == 8 and result.checkpoint_path is not None
+    assert result.registered_uri is None
+    assert "could not log/register the model" in caplog.text
+    # The checkpoints are the truth: the final one holds the trained model.
+    import convmae
+    from service.registry import export_checkpoint
+
+    model_config = convmae.convmae_tiny().replace(img_size=32).to_dict()
+    model = convmae.load_pretrained(export_checkpoint(result.checkpoint_path, model_config, tmp_path / "model"))
+    loss, _, _ = model(torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(loss)
