@@ -20,11 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from service.cli import run_job  # noqa: E402
-from service.evaluate import EvaluateConfig  # noqa: E402
+from service.config import EvaluateConfig  # noqa: E402
 
 
 def _evaluate(config: EvaluateConfig):
-    from service.evaluate import run_evaluation
+    from service.evaluation.evaluate import run_evaluation
 
     return run_evaluation(config)
 

@@ -18,11 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from service.cli import run_job  # noqa: E402
-from service.finetune import FinetuneConfig  # noqa: E402
+from service.config import FinetuneConfig  # noqa: E402
 
 
 def _finetune(config: FinetuneConfig):
-    from service.finetune import run_finetuning
+    from service.training.finetune import run_finetuning
 
     return run_finetuning(config)
 

@@ -22,7 +22,7 @@ try:
 except ImportError:  # running from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.config import DataConfig  # noqa: E402
+from service.config import StorageConfig  # noqa: E402
 from service.data.errors import DataError  # noqa: E402
 from service.data.prepare import DEFAULT_SHARD_BYTES, prepare_dataset  # noqa: E402
 from service.data.storage import storage_options  # noqa: E402
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    options = storage_options(DataConfig(endpoint_url=args.endpoint_url, region=args.region,
-                                         anon=args.anon))
+    options = storage_options(StorageConfig(endpoint_url=args.endpoint_url, region=args.region,
+                                            anon=args.anon))
     try:
         manifest = prepare_dataset(args.src, args.dest, shard_bytes=args.shard_size,
                                    storage_options=options,

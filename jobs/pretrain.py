@@ -19,7 +19,7 @@ from service.config import PretrainConfig  # noqa: E402
 
 
 def _train(config: PretrainConfig):
-    from service.pretrain import run_pretraining
+    from service.training.pretrain import run_pretraining
 
     return run_pretraining(config)
 

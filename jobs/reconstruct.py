@@ -19,11 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from service.cli import run_job  # noqa: E402
-from service.reconstruct import ReconstructConfig  # noqa: E402
+from service.config import ReconstructConfig  # noqa: E402
 
 
 def _reconstruct(config: ReconstructConfig):
-    from service.reconstruct import run_reconstruct
+    from service.evaluation.reconstruct import run_reconstruct
 
     return run_reconstruct(config)
 

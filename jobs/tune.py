@@ -20,11 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from service.cli import run_job  # noqa: E402
-from service.tune import TuneJobConfig  # noqa: E402
+from service.config import TuneJobConfig  # noqa: E402
 
 
 def _sweep(config: TuneJobConfig):
-    from service.tune import run_sweep
+    from service.tune.sweep import run_sweep
 
     return run_sweep(config)
 

@@ -5,6 +5,6 @@ from __future__ import annotations
 from convmae import CheckpointMismatchError
 from service.config import ConfigError
 from service.data import DataError
-from service.model_source import ModelSourceError
+from service.models.source import ModelSourceError
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, ModelSourceError, CheckpointMismatchError)

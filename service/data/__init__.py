@@ -2,13 +2,13 @@
 
 Interface the training loop codes against
 -----------------------------------------
-``storage_options(cfg: DataConfig) -> StorageOptions``
+``storage_options(cfg: StorageConfig | None) -> StorageOptions``
     s3fs kwargs (endpoint_url, region, credentials, retries) from ``cfg``, falling back to
     AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS_REGION / AWS_DEFAULT_REGION /
     AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_TOKEN). A dict whose repr masks
     secrets: safe to log.
 
-``open_dataset(url, cfg) -> ShardDataset``
+``open_dataset(url, storage: StorageConfig | None) -> ShardDataset``
     Reads and checks ``url/manifest.json`` and the shard listing up front; raises
     ``DataError`` (a ValueError) naming the URL and the problem: unknown protocol, missing
     bucket or prefix, no manifest (incomplete or unprepared data set), malformed manifest,
@@ -19,7 +19,7 @@ Interface the training loop codes against
     ``cfg.url`` / ``cfg.val_url``; when ``cfg.url`` is empty, the embedded digits set
     (``<cfg.embedded_dir>/digits/{train,val}``, generated once, race-safe).
 
-``build_train_loader(cfg, *, img_size, batch_size, rank, world_size, seed, epoch,
+``build_train_loader(cfg, *, storage=None, img_size, batch_size, rank, world_size, seed, epoch,
 resume_state=None) -> TrainLoader``
     One epoch of one rank. Iterating yields batches
     ``{"images": FloatTensor (B, 3, img_size, img_size) ImageNet-normalised,
@@ -43,7 +43,7 @@ resume_state=None) -> TrainLoader``
     ``cfg.loader_workers`` DataLoader worker processes (0: in-process), no persistent workers,
     pinned memory only when CUDA is available. Ranks are passed in, never looked up.
 
-``build_eval_loader(url, cfg, *, img_size, batch_size, rank=0, world_size=1) -> EvalLoader``
+``build_eval_loader(url, cfg, *, storage=None, img_size, batch_size, rank=0, world_size=1) -> EvalLoader``
     Same batch dicts, no augmentation (resize + center crop), fixed order, every sample
     exactly once across ranks (rank r gets N*r//world_size .. N*(r+1)//world_size - 1; the
     last batch may be short). Undecodable images are left out of their batch.

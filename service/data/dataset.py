@@ -11,7 +11,7 @@ from typing import Any
 
 import fsspec
 
-from service.config import DataConfig
+from service.config import StorageConfig
 from service.data.errors import DataError
 from service.data.manifest import MANIFEST_NAME, Manifest, ShardIndex, index_name
 from service.data.shards import RawSample, iter_samples
@@ -150,7 +150,7 @@ class ShardDataset:
         return self._offsets[shard]
 
 
-def open_dataset(url: str, cfg: DataConfig) -> ShardDataset:
+def open_dataset(url: str, storage: StorageConfig | None = None) -> ShardDataset:
     """Opens a prepared data set, reading and checking its manifest and shard list up front.
 
     Raises DataError naming the URL and the problem: unknown protocol, missing bucket, missing
@@ -160,8 +160,9 @@ def open_dataset(url: str, cfg: DataConfig) -> ShardDataset:
     if not url:
         raise DataError("data URL is empty; give s3://bucket/prefix, a local path or another "
                         "fsspec URL of a data set written by jobs/prepare_data.py")
+    storage = storage or StorageConfig()
     shown = redact_url(url)
-    options = storage_options(cfg) if protocol_of(url) in S3_PROTOCOLS else {}
+    options = storage_options(storage) if protocol_of(url) in S3_PROTOCOLS else {}
     fs, root = filesystem(url, options)
     # Listings are cached per filesystem instance; a data set finished by another process
     # since the last look must not appear incomplete.
@@ -183,7 +184,7 @@ def open_dataset(url: str, cfg: DataConfig) -> ShardDataset:
                         + _endpoint_hint(options)) from None
     manifest = Manifest.from_json(text, shown)
     _check_shards_present(fs, root, manifest, shown)
-    return ShardDataset(url, manifest, options, max_retries=cfg.max_retries)
+    return ShardDataset(url, manifest, options, max_retries=storage.max_retries)
 
 
 def _endpoint_hint(options: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from service.config import DataConfig
+from service.config import DataConfig, StorageConfig
 from service.data.dataset import ShardDataset, open_dataset
 from service.data.embedded import resolve_data_urls
 from service.data.errors import DataError
@@ -140,14 +140,14 @@ class EvalLoader(_Loader):
         yield from super().__iter__()
 
 
-def build_train_loader(cfg: DataConfig, *, img_size: int, batch_size: int, rank: int,
+def build_train_loader(cfg: DataConfig, *, storage: StorageConfig | None = None, img_size: int, batch_size: int, rank: int,
                        world_size: int, seed: int, epoch: int,
                        resume_state: dict[str, Any] | None = None) -> TrainLoader:
     """The training loader of ``rank`` for ``epoch`` over ``cfg.url`` (or the embedded set)."""
     if epoch < 0:
         raise DataError(f"epoch={epoch} is not allowed: >= 0")
     train_url, _ = resolve_data_urls(cfg)
-    dataset = open_dataset(train_url, cfg)
+    dataset = open_dataset(train_url, storage)
     streams = max(1, cfg.loader_workers)
     plan = plan_train_epoch(dataset.shard_sizes, rank=rank, world_size=world_size,
                             batch_size=batch_size, num_streams=streams, seed=seed, epoch=epoch,
@@ -157,10 +157,10 @@ def build_train_loader(cfg: DataConfig, *, img_size: int, batch_size: int, rank:
                        epoch=epoch, resume_state=resume_state)
 
 
-def build_eval_loader(url: str, cfg: DataConfig, *, img_size: int, batch_size: int,
-                      rank: int = 0, world_size: int = 1) -> EvalLoader:
+def build_eval_loader(url: str, cfg: DataConfig, *, storage: StorageConfig | None = None, img_size: int,
+                      batch_size: int, rank: int = 0, world_size: int = 1) -> EvalLoader:
     """Eval loader of ``rank`` over ``url``: every sample exactly once across ranks."""
-    dataset = open_dataset(url, cfg)
+    dataset = open_dataset(url, storage)
     plan = plan_eval(dataset.shard_sizes, rank=rank, world_size=world_size,
                      batch_size=batch_size, num_streams=max(1, cfg.loader_workers))
     return EvalLoader(dataset, plan, eval_transform(img_size), cfg.loader_workers,

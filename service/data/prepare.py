@@ -19,7 +19,6 @@ from typing import Any
 
 import fsspec
 
-from service.config import DataConfig
 from service.data.errors import DataError
 from service.data.manifest import (
     MANIFEST_NAME,
@@ -51,7 +50,7 @@ def prepare_dataset(src: str, dest: str, *, shard_bytes: int = DEFAULT_SHARD_BYT
     ``shuffle_seed=None`` keeps the source order. Returns the manifest as a dict.
     """
     if storage_options is None:
-        storage_options = default_storage_options(DataConfig())
+        storage_options = default_storage_options()
     source = open_source(src, storage_options, shuffle_seed)
     try:
         return write_dataset(source, dest, shard_bytes=shard_bytes,

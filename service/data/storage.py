@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from service.config import DataConfig
+from service.config import StorageConfig
 from service.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,15 @@ def _masked(value: Any) -> Any:
     return value
 
 
-def storage_options(cfg: DataConfig) -> StorageOptions:
-    """s3fs kwargs from ``cfg``, falling back to the standard AWS environment variables.
+def storage_options(cfg: StorageConfig | None = None) -> StorageOptions:
+    """s3fs kwargs from ``cfg`` (the ``storage`` config section), falling back to the standard AWS environment variables.
 
     endpoint: cfg.endpoint_url, else AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (MinIO, Ceph,
     moto...). Region: cfg.region, else AWS_REGION, else AWS_DEFAULT_REGION. Credentials:
     AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_TOKEN) when both are set, else left
     to botocore's chain (profile files, instance or pod roles). ``cfg.anon`` reads public data.
     """
+    cfg = cfg or StorageConfig()
     env = os.environ
     options = StorageOptions()
     endpoint = cfg.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")

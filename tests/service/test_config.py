@@ -75,8 +75,7 @@ def test_shipped_presets_load(tmp_path):
     root = Path(__file__).resolve().parents[2] / "jobs" / "configs"
     presets = sorted(root.glob("*.yaml"))
     assert presets, "no presets shipped"
-    from service.finetune import FinetuneConfig
-    from service.tune import TuneJobConfig
+    from service.config import FinetuneConfig, TuneJobConfig
 
     job_configs = {"finetune_": FinetuneConfig, "sweep_": TuneJobConfig}  # by file name prefix
     for preset in presets:
@@ -109,7 +108,7 @@ def test_mask_ratio_must_leave_the_encoder_a_visible_patch():
     ],
 )
 def test_pretraining_and_fine_tuning_check_their_shared_keys_alike(key, value, fragment):
-    from service.finetune import FinetuneConfig
+    from service.config import FinetuneConfig
 
     overrides = {key: value, "dist.zero_stage": 0} if key == "dist.offload_optimizer" else {key: value}
     for job_config in (PretrainConfig, FinetuneConfig):

@@ -1,7 +1,8 @@
 import torch
 
 from service.config import PretrainConfig, with_overrides
-from service.distributed import deepspeed_config, param_groups
+from service.runtime.engine import deepspeed_config
+from service.runtime.optim import param_groups
 
 
 def test_deepspeed_config_is_generated_from_the_run_config():
@@ -45,7 +46,7 @@ def test_no_weight_decay_on_norms_biases_and_position_embeddings():
 
 def test_layer_decay_groups_scale_lr_by_depth_as_the_official_recipe():
     from convmae import ConvMAEBackbone, get_config
-    from service.distributed import layer_decay_param_groups
+    from service.runtime.optim import layer_decay_param_groups
 
     model = ConvMAEBackbone(get_config("convmae_tiny", img_size=32), num_classes=10)  # 2 blocks -> 3 layers
     groups = layer_decay_param_groups(model, weight_decay=0.05, layer_decay=0.5)

@@ -12,8 +12,8 @@ import torch
 from mlflow import MlflowClient
 
 import convmae
-from service.config import DataConfig
-from service.evaluate import EvaluateConfig, EvaluationResult, _log_to_run, run_evaluation
+from service.config import DataConfig, EvaluateConfig
+from service.evaluation.evaluate import EvaluationResult, log_to_run_metrics, run_evaluation
 
 
 def digits(digits_dir) -> DataConfig:
@@ -38,8 +38,8 @@ def test_random_baseline_on_digits_gives_all_three_metrics(digits_dir, tmp_path)
 
 
 def test_metrics_are_logged_on_the_run_of_a_registered_model(mlflow_server, digits_dir, tmp_path):
-    from service.registry import log_and_register
     from service.tracking import ensure_experiment
+    from service.tracking.registry import log_and_register
 
     torch.manual_seed(0)
     folder = convmae.save_pretrained(convmae.build_model("convmae_tiny", img_size=32), tmp_path / "convmae")
@@ -66,7 +66,7 @@ def test_a_dead_tracking_server_is_a_warning(caplog):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = EvaluationResult(model="m", metrics={"eval/knn_top1": 0.5}, details={"val_url": "v"})
-    assert _log_to_run(f"http://127.0.0.1:{port}", "abc", EvaluateConfig(), result) is False
+    assert log_to_run_metrics(f"http://127.0.0.1:{port}", "abc", EvaluateConfig(), result) is False
     assert "MLflow read run failed" in caplog.text
 
 

@@ -11,8 +11,8 @@ import torch
 from mlflow import MlflowClient
 
 import convmae
-from service.config import with_overrides
-from service.finetune import FinetuneConfig, run_finetuning
+from service.config import FinetuneConfig, with_overrides
+from service.training.finetune import run_finetuning
 
 pytestmark = pytest.mark.e2e
 
@@ -52,8 +52,8 @@ def test_finetuning_beats_its_start_and_registers_a_classifier(ray_cluster, digi
 
     # The registered classifier is what was trained: loaded by models:/, it scores the same.
     from service import data as data_lib
-    from service.evaluation import classification_metrics
-    from service.model_source import load_model_source
+    from service.evaluation.metrics import classification_metrics
+    from service.models.source import load_model_source
 
     registered = load_model_source(result.registered_uri, tracking_uri=tracking_uri)
     assert isinstance(registered.model, convmae.ConvMAEBackbone) and registered.model.num_classes == 10

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from service.config import with_overrides
-from service.pretrain import run_pretraining
-from service.registry import load_model
+from service.tracking.registry import load_model
+from service.training.pretrain import run_pretraining
 
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from service.evaluation import knn_predict, knn_top1
-from service.linear_probe import fit_linear_probe, linear_probe_top1
+from service.evaluation.linear_probe import fit_linear_probe, linear_probe_top1
+from service.evaluation.metrics import knn_predict, knn_top1
 
 
 def at_angles(degrees: list[float]) -> torch.Tensor:

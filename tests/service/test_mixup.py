@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.mixup import MixSettings, mix_batch, smoothed_one_hot, soft_target_cross_entropy
+from service.training.mixup import (
+    MixSettings,
+    mix_batch,
+    smoothed_one_hot,
+    soft_target_cross_entropy,
+)
 
 
 def batch(n=4, size=16, seed=0):

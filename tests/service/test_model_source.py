@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import convmae
-from service.model_source import ModelSourceError, infer_config, load_model_source
+from service.models.source import ModelSourceError, infer_config, load_model_source
 
 
 def tiny(seed: int = 0, **overrides) -> convmae.ConvMAE:
@@ -76,10 +76,10 @@ def test_official_checkpoint_from_s3(s3_bucket):
     source_model = tiny(seed=2)
     with fsspec.open(f"{s3_bucket}/ckpt/convmae_base.pth", "wb") as f:
         official_checkpoint(source_model, f)
-    from service.config import DataConfig
+    from service.config import StorageConfig
     from service.data import storage_options
 
-    loaded = load_model_source(f"{s3_bucket}/ckpt/convmae_base.pth", storage_options=storage_options(DataConfig()))
+    loaded = load_model_source(f"{s3_bucket}/ckpt/convmae_base.pth", storage_options=storage_options(StorageConfig()))
     assert loaded.kind == "official" and same_weights(loaded.model, source_model)
 
 
@@ -132,8 +132,8 @@ def registered(mlflow_server, tmp_path_factory):
     """A tiny model logged to a run and registered on the real server, version 1 aliased."""
     from mlflow import MlflowClient
 
-    from service.registry import log_and_register
     from service.tracking import ensure_experiment
+    from service.tracking.registry import log_and_register
 
     model = tiny(seed=4)
     folder = convmae.save_pretrained(model, tmp_path_factory.mktemp("reg") / "convmae")

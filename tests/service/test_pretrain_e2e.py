@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from ray.train import UserCallback
 
 from service.config import PretrainConfig, with_overrides
-from service.pretrain import run_pretraining
+from service.training.pretrain import run_pretraining
 
 pytestmark = pytest.mark.e2e
 
@@ -86,8 +86,8 @@ def test_s3_data_and_checkpoints_survive_a_worker_failure_and_register_the_model
     version = client.get_model_version("e2e-tiny", "1")
     assert version.tags["data"] == cfg.data.url and version.tags["preset"] == "convmae_tiny"
 
-    from service.checkpointing import consolidated_state_dict
-    from service.registry import load_model
+    from service.runtime.engine import consolidated_state_dict
+    from service.tracking.registry import load_model
 
     model = load_model(result.registered_uri, tracking_uri=mlflow_server)
     assert model.config.img_size == 32
@@ -125,7 +125,7 @@ def test_zero_stage_smoke(ray_cluster, digits_dir, tmp_path, stage):
                                                "train.max_steps": 3, "train.knn_k": 0})
     result = run_pretraining(cfg)
     assert result.metrics["step"] == 3
-    from service.registry import load_model
+    from service.tracking.registry import load_model
 
     model = load_model(result.registered_uri, tracking_uri=result.tracking_uri)
     images = torch.randn(2, 3, 32, 32)
@@ -196,7 +196,7 @@ def test_training_goes_on_when_the_mlflow_server_goes_down(ray_cluster, digits_d
     assert "could not log/register the model" in caplog.text
     # The checkpoints are the truth: the final one holds the trained model.
     import convmae
-    from service.registry import export_checkpoint
+    from service.tracking.registry import export_checkpoint
 
     model_config = convmae.convmae_tiny().replace(img_size=32).to_dict()
     model = convmae.load_pretrained(export_checkpoint(result.checkpoint_path, model_config, tmp_path / "model"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import convmae
-from service.registry import CHECKPOINT_TAG, load_model, register_checkpoint_once
+from service.tracking.registry import CHECKPOINT_TAG, load_model, register_checkpoint_once
 
 
 @pytest.fixture()

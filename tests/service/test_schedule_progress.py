@@ -1,7 +1,7 @@
 import pytest
 
-from service.progress import ProgressMeter, format_duration
-from service.schedule import lr_at
+from service.runtime.optim import lr_at
+from service.training.progress import ProgressMeter, format_duration
 
 
 def test_warmup_then_cosine_to_min_lr():

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from service.config import ConfigError, load_config, parse_cli_overrides, with_overrides
-from service.tune import (
-    DEFAULT_SPACE,
-    TrialSummary,
+from service.config import (
+    ConfigError,
     TuneJobConfig,
-    concurrent_trials,
-    format_table,
-    param_space,
-    parse_dimension,
-    parse_space,
-    resolve_objective,
-    trial_resources,
+    load_config,
+    parse_cli_overrides,
+    with_overrides,
 )
+from service.config.sweep import DEFAULT_SPACE, parse_dimension, parse_space
+from service.tune.space import concurrent_trials, param_space, resolve_objective, trial_resources
+from service.tune.sweep import TrialSummary, format_table
 
 
 def job(**overrides) -> TuneJobConfig:
@@ -155,17 +152,18 @@ def test_tpe_searcher_is_optuna_tpe_over_the_space_and_asha_runs_on_epochs():
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from service.tune import TIME_ATTR, _scheduler, _searcher
+    from service.tune.asha import TIME_ATTR
+    from service.tune.sweep import scheduler_for, searcher_for
 
     cfg = job(**{"sweep.searcher": "tpe", "sweep.seed": 7, "train.epochs": 8, "sweep.grace_period": 2}).validate()
-    searcher = _searcher(cfg)
+    searcher = searcher_for(cfg)
     assert isinstance(searcher, OptunaSearch)
     assert isinstance(searcher._sampler, optuna.samplers.TPESampler)
-    assert _searcher(job()) is None  # random: Tune's own variant generator
-    scheduler = _scheduler(cfg, "/tmp/unused/asha_state.json")
+    assert searcher_for(job()) is None  # random: Tune's own variant generator
+    scheduler = scheduler_for(cfg, "/tmp/unused/asha_state.json")
     assert scheduler._time_attr == TIME_ATTR and scheduler._max_t == 8
     assert [milestone for milestone, _ in scheduler._brackets[0]._rungs] == [8, 4, 2]  # grace 2, factor 2, up to 8
-    assert _scheduler(job(**{"sweep.scheduler": "fifo"}), "/unused") is None
+    assert scheduler_for(job(**{"sweep.scheduler": "fifo"}), "/unused") is None
 
 
 def test_grid_values_the_model_size_cannot_take_fail_up_front():

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from service.config import with_overrides
-from service.registry import load_model
-from service.tune import SWEEP_TAG, TuneJobConfig, run_sweep
+from service.config import TuneJobConfig, with_overrides
+from service.tracking.registry import load_model
+from service.tune.sweep import SWEEP_TAG, run_sweep
 
 pytestmark = pytest.mark.e2e
 

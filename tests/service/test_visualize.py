@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 import convmae
-from service.visualize import COLUMNS, reconstruction_grid, render_reconstructions
+from service.evaluation.visualize import COLUMNS, reconstruction_grid, render_reconstructions
 
 GAP = 2
 
@@ -34,7 +34,7 @@ def test_grid_has_one_row_per_image_and_four_panels_with_gaps():
     unscaled = np.asarray(render_reconstructions(model, images, mask_ratio=0.75, seed=0))
     assert unscaled.shape == (3 * 32 + 4 * GAP, 4 * 32 + 5 * GAP, 3)
     # The first column is the input itself; the masked panel hides 3 of the 4 16x16 patches.
-    from service.visualize import to_uint8
+    from service.evaluation.visualize import to_uint8
 
     assert np.array_equal(tile(unscaled, 1, 0, 32), to_uint8(images)[1])
     masked = tile(unscaled, 1, 1, 32).reshape(2, 16, 2, 16, 3)

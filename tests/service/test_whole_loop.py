@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.config import PretrainConfig, with_overrides
-from service.evaluate import EvaluateConfig, run_evaluation
-from service.pretrain import run_pretraining
+from service.config import EvaluateConfig, PretrainConfig, with_overrides
+from service.evaluation.evaluate import run_evaluation
+from service.training.pretrain import run_pretraining
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.config import DataConfig
+from service.config import DataConfig, StorageConfig
 from service.data.embedded import ensure_digits
 
 
@@ -62,6 +62,13 @@ def make_image_folder(tmp_path: Path) -> Callable[..., Path]:
 
 def config(**overrides) -> DataConfig:
     """A DataConfig for tests: no workers unless asked, small shuffle window."""
-    values = {"loader_workers": 0, "shuffle_buffer": 64, "max_retries": 2}
+    values = {"loader_workers": 0, "shuffle_buffer": 64}
     values.update(overrides)
     return DataConfig(**values)
+
+
+def storage(**overrides) -> StorageConfig:
+    """A StorageConfig for tests: few retries."""
+    values = {"max_retries": 2}
+    values.update(overrides)
+    return StorageConfig(**values)

@@ -10,11 +10,11 @@ import pytest
 from service.config import DataConfig
 from service.data import DataError, build_eval_loader, embedded, open_dataset, resolve_data_urls
 from service.data.embedded import ensure_digits
-from tests.service.data.conftest import config
+from tests.service.data.conftest import config, storage
 
 
 def labels_of(url: str) -> Counter:
-    dataset = open_dataset(url, config())
+    dataset = open_dataset(url, storage())
     return Counter(s.label for shard, n in enumerate(dataset.shard_sizes)
                    for s in dataset.read(shard, 0, n))
 
@@ -23,7 +23,7 @@ def test_empty_url_resolves_to_the_embedded_splits(embedded_dir):
     train, val = resolve_data_urls(DataConfig(embedded_dir=str(embedded_dir)))
     assert Path(train) == embedded_dir / "digits" / "train"
     assert Path(val) == embedded_dir / "digits" / "val"
-    a, b = open_dataset(train, config()), open_dataset(val, config())
+    a, b = open_dataset(train, storage()), open_dataset(val, storage())
     assert (a.num_samples, b.num_samples) == (1617, 180)
     assert a.num_classes == b.num_classes == 10 and a.has_labels
     assert a.class_names == tuple(str(d) for d in range(10))
@@ -44,13 +44,13 @@ def test_split_is_stratified_and_disjoint(digits_train, digits_val):
         assert 0.08 < share < 0.12
     keys = [
         {s.key for shard, n in enumerate(d.shard_sizes) for s in d.read(shard, 0, n)}
-        for d in (open_dataset(digits_train, config()), open_dataset(digits_val, config()))
+        for d in (open_dataset(digits_train, storage()), open_dataset(digits_val, storage()))
     ]
     assert not keys[0] & keys[1]
 
 
 def test_images_are_real_digits_at_32px(digits_val):
-    loader = build_eval_loader(digits_val, config(), img_size=32, batch_size=64)
+    loader = build_eval_loader(digits_val, config(), storage=storage(), img_size=32, batch_size=64)
     batch = next(iter(loader))
     assert batch["images"].shape == (64, 3, 32, 32)
     images = batch["images"]
@@ -82,7 +82,7 @@ def test_losing_a_first_use_race_keeps_the_winners_copy(tmp_path, monkeypatch):
     assert ensure_digits(tmp_path) == tmp_path / "digits"
     assert len(calls) == 2 and not calls[0].exists()
     assert [p.name for p in tmp_path.iterdir()] == ["digits"]  # no temporary leftovers
-    assert open_dataset(str(tmp_path / "digits" / "train"), config()).num_samples == 1617
+    assert open_dataset(str(tmp_path / "digits" / "train"), storage()).num_samples == 1617
 
 
 def test_a_broken_embedded_directory_is_reported_not_used(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from service.data import DataError, build_eval_loader, build_train_loader, open_dataset
 from service.data.prepare import prepare_dataset
-from tests.service.data.conftest import config
+from tests.service.data.conftest import config, storage
 
 
 def keys_of(loader) -> list[list[str]]:
@@ -16,7 +16,7 @@ def keys_of(loader) -> list[list[str]]:
 
 
 def test_zero_config_trains_on_the_embedded_digits(embedded_dir):
-    loader = build_train_loader(config(embedded_dir=str(embedded_dir)), img_size=32,
+    loader = build_train_loader(storage=storage(), cfg=config(embedded_dir=str(embedded_dir)), img_size=32,
                                 batch_size=50, rank=0, world_size=1, seed=0, epoch=0)
     assert len(loader) == 1617 // 50
     batch = next(iter(loader))
@@ -29,7 +29,7 @@ def test_zero_config_trains_on_the_embedded_digits(embedded_dir):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_same_seed_and_epoch_give_identical_batches_other_epochs_another_order(digits_train, workers):
     def run(epoch, seed=0):
-        loader = build_train_loader(config(url=digits_train, loader_workers=workers), img_size=16,
+        loader = build_train_loader(storage=storage(), cfg=config(url=digits_train, loader_workers=workers), img_size=16,
                                     batch_size=32, rank=1, world_size=3, seed=seed, epoch=epoch)
         return list(loader)
 
@@ -42,7 +42,7 @@ def test_same_seed_and_epoch_give_identical_batches_other_epochs_another_order(d
 
 def test_worker_count_does_not_change_what_a_rank_reads(digits_train):
     def keys(workers):
-        loader = build_train_loader(config(url=digits_train, loader_workers=workers), img_size=8,
+        loader = build_train_loader(storage=storage(), cfg=config(url=digits_train, loader_workers=workers), img_size=8,
                                     batch_size=16, rank=0, world_size=2, seed=3, epoch=1)
         return sorted(k for batch in loader for k in batch["keys"])
 
@@ -56,7 +56,7 @@ def test_every_rank_gets_the_same_number_of_batches_even_with_uneven_shards(tmp_
     for world in (1, 2, 3, 5):
         lengths = []
         for rank in range(world):
-            loader = build_train_loader(config(url=str(tmp_path / "ds"), loader_workers=2),
+            loader = build_train_loader(storage=storage(), cfg=config(url=str(tmp_path / "ds"), loader_workers=2),
                                         img_size=8, batch_size=4, rank=rank, world_size=world,
                                         seed=0, epoch=0)
             lengths.append((len(loader), len(list(loader))))
@@ -65,14 +65,14 @@ def test_every_rank_gets_the_same_number_of_batches_even_with_uneven_shards(tmp_
 
 def test_resume_with_in_process_loading(digits_train):
     cfg = config(url=digits_train)
-    reference = keys_of(build_train_loader(cfg, img_size=8, batch_size=64, rank=0, world_size=1,
+    reference = keys_of(build_train_loader(cfg, storage=storage(), img_size=8, batch_size=64, rank=0, world_size=1,
                                            seed=0, epoch=2))
-    loader = build_train_loader(cfg, img_size=8, batch_size=64, rank=0, world_size=1, seed=0,
+    loader = build_train_loader(cfg, storage=storage(), img_size=8, batch_size=64, rank=0, world_size=1, seed=0,
                                 epoch=2)
     batches = iter(loader)
     head = [next(batches)["keys"] for _ in range(5)]
     state = loader.state_dict()
-    resumed = build_train_loader(cfg, img_size=8, batch_size=64, rank=0, world_size=1, seed=0,
+    resumed = build_train_loader(cfg, storage=storage(), img_size=8, batch_size=64, rank=0, world_size=1, seed=0,
                                  epoch=2, resume_state=state)
     assert head + keys_of(resumed) == reference
     assert keys_of(resumed) == []  # the epoch is used up
@@ -84,9 +84,9 @@ def test_memory_urls_work(digits_val):
     for path in local.ls(digits_val, detail=False):
         fs.pipe_file(f"/digits-val/{path.rsplit('/', 1)[1]}", local.cat_file(path))
     try:
-        dataset = open_dataset("memory://digits-val", config())
+        dataset = open_dataset("memory://digits-val", storage())
         assert dataset.num_samples == 180
-        loader = build_eval_loader("memory://digits-val", config(loader_workers=2), img_size=8,
+        loader = build_eval_loader("memory://digits-val", config(loader_workers=2), storage=storage(), img_size=8,
                                    batch_size=50)
         assert sorted(len(b["keys"]) for b in loader) == [30, 50, 50, 50]
     finally:
@@ -96,13 +96,13 @@ def test_memory_urls_work(digits_val):
 def test_unlabeled_data_sets_give_minus_one_labels(tmp_path, make_image_folder):
     src = make_image_folder(classes=0, per_class=12)
     prepare_dataset(str(src), str(tmp_path / "flat"))
-    loader = build_train_loader(config(url=str(tmp_path / "flat")), img_size=8, batch_size=4,
+    loader = build_train_loader(storage=storage(), cfg=config(url=str(tmp_path / "flat")), img_size=8, batch_size=4,
                                 rank=0, world_size=1, seed=0, epoch=0)
     assert {label for batch in loader for label in batch["labels"].tolist()} == {-1}
 
 
 def test_eval_is_unaugmented_and_repeatable(digits_val):
-    loader = build_eval_loader(digits_val, config(), img_size=32, batch_size=64)
+    loader = build_eval_loader(digits_val, config(), storage=storage(), img_size=32, batch_size=64)
     first, second = list(loader), list(loader)
     assert len(first) == len(loader) == 3
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(first, second))
@@ -110,16 +110,16 @@ def test_eval_is_unaugmented_and_repeatable(digits_val):
 
 def test_too_few_samples_for_the_cluster_is_a_clear_error(digits_val):
     with pytest.raises(DataError, match="180 samples: too few for world_size=4 x batch_size=64"):
-        build_train_loader(config(url=digits_val), img_size=8, batch_size=64, rank=0,
+        build_train_loader(storage=storage(), cfg=config(url=digits_val), img_size=8, batch_size=64, rank=0,
                            world_size=4, seed=0, epoch=0)
 
 
 def test_local_paths_that_are_not_data_sets_are_named(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path}/nope: no such prefix or directory"):
-        open_dataset(str(tmp_path / "nope"), config())
+        open_dataset(str(tmp_path / "nope"), storage())
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
     with pytest.raises(DataError, match="not a prepared data set.*prepare_data.py"):
-        open_dataset(f"file://{tmp_path}/photos", config())
+        open_dataset(f"file://{tmp_path}/photos", storage())
     with pytest.raises(DataError, match="data URL is empty"):
-        open_dataset("", config())
+        open_dataset("", storage())

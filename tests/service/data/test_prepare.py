@@ -14,13 +14,13 @@ import pytest
 import service.data.prepare as prepare_module
 from service.data import DataError, open_dataset
 from service.data.prepare import prepare_dataset
-from tests.service.data.conftest import config, image_bytes
+from tests.service.data.conftest import image_bytes, storage
 
 REPO = Path(__file__).resolve().parents[3]
 
 
 def read_everything(url: str) -> dict[str, tuple[bytes, int]]:
-    dataset = open_dataset(url, config())
+    dataset = open_dataset(url, storage())
     out = {}
     for shard, size in enumerate(dataset.shard_sizes):
         for sample in dataset.read(shard, 0, size):
@@ -46,7 +46,7 @@ def test_labeled_folder_round_trips_bytes_labels_and_keys(make_image_folder, tmp
     assert manifest["num_shards"] > 1
     assert sum(s["num_samples"] for s in manifest["shards"]) == 21
     assert read_everything(str(tmp_path / "out")) == folder_contents(src)
-    dataset = open_dataset(str(tmp_path / "out"), config())
+    dataset = open_dataset(str(tmp_path / "out"), storage())
     assert (dataset.num_samples, dataset.has_labels, dataset.num_classes) == (21, True, 3)
 
 
@@ -154,7 +154,7 @@ def test_interrupted_run_has_no_manifest_and_a_rerun_resumes(make_image_folder, 
         prepare_dataset(str(src), str(dest), samples_per_shard=5)
     assert not (dest / "manifest.json").exists()
     with pytest.raises(DataError, match="incomplete data set"):
-        open_dataset(str(dest), config())
+        open_dataset(str(dest), storage())
 
     rewritten = []
     monkeypatch.setattr(prepare_module, "_finish",
@@ -215,11 +215,11 @@ def test_shard_size_parsing(text, expected):
 def test_reading_from_the_middle_of_a_shard_uses_offsets(make_image_folder, tmp_path):
     src = make_image_folder(classes=1, per_class=9)
     prepare_dataset(str(src), str(tmp_path / "out"))
-    dataset = open_dataset(str(tmp_path / "out"), config())
+    dataset = open_dataset(str(tmp_path / "out"), storage())
     every = [s.key for s in dataset.read(0, 0, 9)]
     assert [s.key for s in dataset.read(0, 4, 7)] == every[4:7]
     (tmp_path / "out" / "shard-000000.index.json").unlink()  # other tools write no index
-    fresh = open_dataset(str(tmp_path / "out"), config())
+    fresh = open_dataset(str(tmp_path / "out"), storage())
     assert [s.key for s in fresh.read(0, 4, 7)] == every[4:7]
 
 

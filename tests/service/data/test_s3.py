@@ -17,7 +17,7 @@ from service.data.dataset import ShardDataset
 from service.data.prepare import prepare_dataset
 from service.data.storage import storage_options
 from tests.fixtures.s3 import create_bucket
-from tests.service.data.conftest import config, image_bytes
+from tests.service.data.conftest import config, image_bytes, storage
 
 WORLD, WORKERS, BATCH = 2, 2, 8
 NUM_IMAGES, PER_SHARD = 150, 16
@@ -45,7 +45,7 @@ def bucket(s3_server) -> str:
 def clean_url(bucket, tmp_path_factory) -> str:
     src = write_folder(tmp_path_factory.mktemp("clean"), corrupt=False)
     url = f"{bucket}/clean"
-    prepare_dataset(str(src), url, storage_options=storage_options(config()),
+    prepare_dataset(str(src), url, storage_options=storage_options(storage()),
                     samples_per_shard=PER_SHARD)
     return url
 
@@ -54,29 +54,29 @@ def clean_url(bucket, tmp_path_factory) -> str:
 def corrupt_url(bucket, tmp_path_factory) -> str:
     src = write_folder(tmp_path_factory.mktemp("corrupt"), corrupt=True)
     url = f"{bucket}/corrupt"
-    prepare_dataset(str(src), url, storage_options=storage_options(config()),
+    prepare_dataset(str(src), url, storage_options=storage_options(storage()),
                     samples_per_shard=PER_SHARD)
     return url
 
 
 def all_keys(url: str) -> set[str]:
-    dataset = open_dataset(url, config())
+    dataset = open_dataset(url, storage())
     return {s.key for shard, n in enumerate(dataset.shard_sizes) for s in dataset.read(shard, 0, n)}
 
 
 def train_loader(url: str, rank: int, epoch: int = 0, workers: int = WORKERS, **kwargs):
-    return build_train_loader(config(url=url, loader_workers=workers, shuffle_buffer=12),
+    return build_train_loader(config(url=url, loader_workers=workers, shuffle_buffer=12), storage=storage(),
                               img_size=16, batch_size=BATCH, rank=rank, world_size=WORLD,
                               seed=7, epoch=epoch, **kwargs)
 
 
 def test_prepared_bucket_holds_shards_indexes_and_manifest(clean_url):
-    fs = fsspec.filesystem("s3", **storage_options(config()))
+    fs = fsspec.filesystem("s3", **storage_options(storage()))
     names = [p.rsplit("/", 1)[1] for p in fs.ls(clean_url)]
     assert "manifest.json" in names
     assert sum(n.endswith(".tar") for n in names) == -(-NUM_IMAGES // PER_SHARD)
     assert sum(n.endswith(".index.json") for n in names) == -(-NUM_IMAGES // PER_SHARD)
-    dataset = open_dataset(clean_url, config())
+    dataset = open_dataset(clean_url, storage())
     assert (dataset.num_samples, dataset.num_classes, dataset.has_labels) == (NUM_IMAGES, 3, True)
 
 
@@ -180,12 +180,12 @@ def _dealt(url: str) -> set[str]:
 
 def test_eval_loader_reads_every_sample_once_across_ranks_in_a_fixed_order(clean_url):
     cfg = config(loader_workers=WORKERS)
-    runs = [[b["keys"] for b in build_eval_loader(clean_url, cfg, img_size=16, batch_size=BATCH,
+    runs = [[b["keys"] for b in build_eval_loader(clean_url, cfg, storage=storage(), img_size=16, batch_size=BATCH,
                                                   rank=r, world_size=WORLD)]
             for r in range(WORLD)]
     seen = [k for run in runs for keys in run for k in keys]
     assert sorted(seen) == sorted(all_keys(clean_url))
-    again = [b["keys"] for b in build_eval_loader(clean_url, cfg, img_size=16, batch_size=BATCH,
+    again = [b["keys"] for b in build_eval_loader(clean_url, cfg, storage=storage(), img_size=16, batch_size=BATCH,
                                                   rank=0, world_size=WORLD)]
     assert again == runs[0]
 
@@ -205,7 +205,7 @@ def test_a_transient_read_error_is_retried_without_losing_or_repeating_samples(
     monkeypatch.setattr(ShardDataset, "_read_once", flaky)
     monkeypatch.setattr(ShardDataset, "__init__", _no_sleep(ShardDataset.__init__))
     with caplog.at_level(logging.WARNING, logger="service.data"):
-        keys = [k for b in build_eval_loader(clean_url, config(), img_size=16, batch_size=BATCH)
+        keys = [k for b in build_eval_loader(clean_url, config(), storage=storage(), img_size=16, batch_size=BATCH)
                 for k in b["keys"]]
     assert failures and "retry 1/2" in caplog.text and "connection reset" in caplog.text
     assert sorted(keys) == sorted(all_keys(clean_url))
@@ -219,7 +219,7 @@ def _no_sleep(init):
 
 
 def test_missing_bucket_prefix_and_manifest_fail_up_front(s3_bucket, clean_url):
-    cfg = config()
+    cfg = storage()
     with pytest.raises(DataError, match=r"s3://no-such-bucket-x/data.*bucket 'no-such-bucket-x' does not exist"):
         open_dataset("s3://no-such-bucket-x/data", cfg)
     with pytest.raises(DataError, match=rf"{s3_bucket}/missing: no such prefix"):
@@ -246,8 +246,8 @@ def test_prepare_cli_style_options_reach_the_bucket(s3_bucket, s3_server, make_i
                                                     monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the explicit endpoint can find the server
     src = make_image_folder(classes=2, per_class=3)
-    options = storage_options(config(endpoint_url=s3_server))
+    options = storage_options(storage(endpoint_url=s3_server))
     manifest = prepare_dataset(str(src), f"{s3_bucket}/cli", storage_options=options)
     assert manifest["num_samples"] == 6
-    dataset = open_dataset(f"{s3_bucket}/cli", config(endpoint_url=s3_server))
+    dataset = open_dataset(f"{s3_bucket}/cli", storage(endpoint_url=s3_server))
     assert dataset.num_samples == 6

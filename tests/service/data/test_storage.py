@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from service.config import DataConfig
+from service.config import StorageConfig
 from service.data import DataError, storage_options
 from service.data.storage import filesystem, is_transient, redact_url, retrying
 
@@ -27,34 +27,34 @@ def test_environment_fills_in_what_the_config_leaves_out(clean_env):
     clean_env.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     clean_env.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     clean_env.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
-    options = storage_options(DataConfig(max_retries=3))
+    options = storage_options(StorageConfig(max_retries=3))
     assert options["endpoint_url"] == "http://s3-specific:9000"
     assert options["client_kwargs"] == {"region_name": "eu-west-1"}
     assert (options["key"], options["secret"]) == ("AKIAEXAMPLE", "very-secret-value")
     assert options["config_kwargs"]["retries"]["max_attempts"] == 4
     clean_env.setenv("AWS_REGION", "us-west-2")
-    assert storage_options(DataConfig())["client_kwargs"] == {"region_name": "us-west-2"}
+    assert storage_options(StorageConfig())["client_kwargs"] == {"region_name": "us-west-2"}
 
 
 def test_config_wins_over_environment(clean_env):
     clean_env.setenv("AWS_ENDPOINT_URL", "http://env:9000")
     clean_env.setenv("AWS_REGION", "eu-west-1")
-    options = storage_options(DataConfig(endpoint_url="http://minio:9000", region="ap-south-1"))
+    options = storage_options(StorageConfig(endpoint_url="http://minio:9000", region="ap-south-1"))
     assert options["endpoint_url"] == "http://minio:9000"
     assert options["client_kwargs"]["region_name"] == "ap-south-1"
 
 
 def test_nothing_set_leaves_credentials_to_botocore(clean_env):
-    options = storage_options(DataConfig())
+    options = storage_options(StorageConfig())
     assert not {"endpoint_url", "key", "secret", "token", "client_kwargs"} & set(options)
-    assert storage_options(DataConfig(anon=True))["anon"] is True
+    assert storage_options(StorageConfig(anon=True))["anon"] is True
 
 
 def test_secrets_are_masked_in_repr_str_and_logs(clean_env, caplog):
     clean_env.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     clean_env.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
     clean_env.setenv("AWS_SESSION_TOKEN", "session-token-value")
-    options = storage_options(DataConfig())
+    options = storage_options(StorageConfig())
     with caplog.at_level(logging.INFO):
         logging.getLogger("test").info("options: %s / %r / %s", options, options, [options])
     for text in (repr(options), str(options), caplog.text, f"{options}"):

@@ -1,8 +1,10 @@
-"""MLflow tracking that never takes a training run down.
+"""MLflow tracking that never takes a training run down; tracking owns the run's lifecycle.
 
-Checkpoints are the source of truth; MLflow is the window onto a run. Every call goes through
-``Tracker._safe``: an unreachable or failing server produces one warning, logging pauses for a
-while and is retried later, and training goes on.
+Checkpoints are the source of truth; MLflow is the window onto a run. ``open_run`` finds the
+run a resumed job continues (by its tags) or creates it, optionally under a parent run;
+``Tracker.finish`` ends it with the status it deserves. Every call goes through one guard: an
+unreachable or failing server produces one warning, logging pauses for a while and is retried
+later, and training goes on.
 """
 
 from __future__ import annotations
@@ -99,6 +101,18 @@ class Tracker:
             )
             return None
 
+    # ------------------------------------------------------------ lifecycle and reading
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Ends the run with ``status`` (FINISHED, FAILED, KILLED) and stops system metrics."""
+        self.close()
+        self._safe("end run", self.client.set_terminated, self.run_id, status)
+
+    def last_step(self, metric: str) -> int | None:
+        """The highest step ``metric`` was logged at on this run; None if never (or unreadable)."""
+        history = self._safe("read run", self.client.get_metric_history, self.run_id, metric) or []
+        return max((m.step for m in history), default=None)
+
     # ------------------------------------------------------------ logging
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -131,6 +145,12 @@ class Tracker:
     def log_image(self, image: Any, artifact_file: str) -> None:
         """``image``: a PIL image or an (H, W, 3) uint8 array."""
         self._safe("log image", self.client.log_image, self.run_id, image, artifact_file=artifact_file)
+
+    def log_table(self, rows: list[Mapping[str, Any]], artifact_file: str) -> None:
+        """``rows`` (one mapping a row, same keys) as an MLflow table artifact."""
+        if rows:
+            columns = {k: [r.get(k) for r in rows] for k in rows[0]}
+            self._safe("log table", self.client.log_table, self.run_id, columns, artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._safe("log artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
@@ -168,3 +188,66 @@ class NullTracker(Tracker):
 
     def __init__(self) -> None:
         super().__init__("", None, enabled=False)
+
+
+def open_run(
+    tracking_uri: str,
+    experiment: str,
+    *,
+    identity: Mapping[str, str],
+    run_name: str,
+    resume: bool = True,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    enabled: bool = True,
+    system_metrics: bool = False,
+) -> Tracker:
+    """The tracker of a job's MLflow run, found or created.
+
+    ``identity``: the tags that name the job (e.g. run name and storage). With ``resume`` an
+    existing run with the same identity is continued (set RUNNING again); otherwise, or when
+    none exists, a new run is created with ``identity``, ``tags`` and ``parent_run_id``. When
+    MLflow is off or unreachable the tracker is disabled (one warning) and the job goes on.
+    """
+    if not enabled:
+        return NullTracker()
+    try:
+        from mlflow import MlflowClient
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        experiment_id = ensure_experiment(client, tracking_uri, experiment)
+        run_id = None
+        if resume:
+            found = client.search_runs([experiment_id], filter_string=_tags_filter(identity), max_results=1)
+            if found:
+                run_id = found[0].info.run_id
+                client.update_run(run_id, status="RUNNING")
+        if run_id is None:
+            run_tags = {**identity, MLFLOW_RUN_NAME: run_name, **(tags or {})}
+            if parent_run_id:
+                run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+            run_id = client.create_run(experiment_id, run_name=run_name, tags=run_tags).info.run_id
+    except Exception as exc:
+        log.warning("MLflow at %s is unavailable (%s); the job continues without tracking", tracking_uri, exc)
+        return NullTracker()
+    return Tracker(tracking_uri, run_id, system_metrics=system_metrics)
+
+
+def find_run_id(tracking_uri: str, experiment: str, identity: Mapping[str, str]) -> str | None:
+    """The id of the run with these identity tags, or None (none, or MLflow unreachable)."""
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([found.experiment_id], filter_string=_tags_filter(identity),
+                                  max_results=1) if found else []
+        return runs[0].info.run_id if runs else None
+    except Exception as exc:
+        log.warning("MLflow at %s is unavailable (%s)", tracking_uri, exc)
+        return None
+
+
+def _tags_filter(tags: Mapping[str, str]) -> str:
+    return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())

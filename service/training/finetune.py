@@ -15,99 +15,14 @@ RandomResizedCrop + flip is the only augmentation); see README.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.config import (
-    CheckpointConfig,
-    ConfigError,
-    DataConfig,
-    DistributedConfig,
-    MLflowConfig,
-    PretrainConfig,
-    _check,
-    to_dict,
-    validate_data_loading,
-    validate_optimization,
-    validate_run,
-)
-from service.model_source import DEFAULT_MODEL, validate_source_keys
+from service.config import ConfigError, FinetuneConfig, to_dict
 from service.tracking import resolve_tracking_uri
 
 log = logging.getLogger("convmae.finetune")
-
-
-@dataclass(frozen=True)
-class FinetuneTrainConfig:
-    # Paper recipe (ConvMAE-B on ImageNet: 100 epochs, 5 warmup) scaled to a short CPU run;
-    # jobs/configs/finetune_base_in1k.yaml has the full recipe.
-    epochs: int = 10
-    batch_size_per_worker: int = 32
-    blr: float = 5e-4  # lr = blr * effective_batch / 256
-    lr: float | None = None  # absolute lr; overrides blr when set
-    min_lr: float = 1e-6
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float = 0.65  # lr of layer l is scaled by layer_decay ** (num_layers - l)
-    mixup: float = 0.8  # Mixup alpha; 0 turns it off
-    cutmix: float = 1.0  # CutMix alpha; 0 turns it off
-    mixup_prob: float = 1.0  # probability that a batch is mixed
-    mixup_switch_prob: float = 0.5  # CutMix instead of Mixup, when both are on
-    label_smoothing: float = 0.1
-    grad_accum_steps: int = 1
-    clip_grad: float | None = None
-    seed: int = 0
-    max_steps: int | None = None  # stop early after this many optimizer steps
-    log_every_steps: int = 10
-    val_every_epochs: int = 1
-    eval_before_training: bool = True  # score the fresh classifier first (val/top1 at step 0)
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    run_name: str = "convmae-finetune"
-    # The pretrained model: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model, a
-    # save_pretrained or checkpoint folder, a checkpoint file or URL (official ConvMAE .pth
-    # too), or random:PRESET[:IMG_SIZE] (training from scratch, as a baseline).
-    model: str = DEFAULT_MODEL
-    model_preset: str = ""  # preset of a config-less checkpoint; empty: inferred from its shapes
-    img_size: int = 0  # 0: the pretrained model's (position embeddings are interpolated otherwise)
-    num_classes: int = 0  # 0: the training data's number of classes
-    drop_path: float = 0.1
-    global_pool: bool = True  # classify the mean of the tokens (the paper's setting)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
-    dist: DistributedConfig = field(default_factory=DistributedConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    mlflow: MLflowConfig = field(default_factory=lambda: MLflowConfig(
-        experiment="convmae-finetune", registered_model_name="convmae-classifier"))
-
-    def validate(self) -> FinetuneConfig:
-        validate_finetune(self)
-        return self
-
-    # The same definitions as pretraining's (they read train.* and dist.* only).
-    effective_batch_size = PretrainConfig.effective_batch_size
-    learning_rate = PretrainConfig.learning_rate  # lr, else blr * effective_batch_size / 256
-
-
-def validate_finetune(cfg: FinetuneConfig) -> None:
-    """Fails fast, before Ray starts, naming the bad key, its value and what is allowed."""
-    t = cfg.train
-    validate_source_keys(cfg)
-    _check(cfg.num_classes >= 0, "num_classes", cfg.num_classes, ">= 0 (0: from the data)")
-    _check(0.0 <= cfg.drop_path < 1.0, "drop_path", cfg.drop_path, "0 <= drop_path < 1")
-    validate_optimization(t)
-    _check(0.0 < t.layer_decay <= 1.0, "train.layer_decay", t.layer_decay, "0 < layer_decay <= 1 (1: off)")
-    _check(t.mixup >= 0, "train.mixup", t.mixup, ">= 0 (0 turns Mixup off)")
-    _check(t.cutmix >= 0, "train.cutmix", t.cutmix, ">= 0 (0 turns CutMix off)")
-    _check(0.0 <= t.mixup_prob <= 1.0, "train.mixup_prob", t.mixup_prob, "0 <= p <= 1")
-    _check(0.0 <= t.mixup_switch_prob <= 1.0, "train.mixup_switch_prob", t.mixup_switch_prob, "0 <= p <= 1")
-    _check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", t.label_smoothing, "0 <= s < 1")
-    validate_data_loading(cfg.data)
-    validate_run(cfg)
 
 
 @dataclass
@@ -128,17 +43,17 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
     import ray
 
     from service import data as data_lib
-    from service.finetune_loop import finetune_worker
-    from service.launch import absolute_url, fit_workers, open_launch
-    from service.model_source import load_model_source
+    from service.models.source import load_model_source
+    from service.training.finetune_worker import finetune_worker
+    from service.training.launch import absolute_url, fit_workers, open_launch
 
     cfg.validate()
     train_url, val_url = (absolute_url(u) for u in data_lib.resolve_data_urls(cfg.data))
-    train_set = data_lib.open_dataset(train_url, cfg.data)
+    train_set = data_lib.open_dataset(train_url, cfg.storage)
     if not train_set.has_labels:
         raise ConfigError(f"data.url={train_url!r} has no labels (.cls); fine-tuning needs a labeled "
                           "data set (prepare one from a class/xxx.jpg folder)")
-    if val_url and not data_lib.open_dataset(val_url, cfg.data).has_labels:
+    if val_url and not data_lib.open_dataset(val_url, cfg.storage).has_labels:
         raise ConfigError(f"data.val_url={val_url!r} has no labels (.cls)")
     num_classes = cfg.num_classes or train_set.num_classes
     if train_set.num_classes > num_classes:
@@ -149,7 +64,7 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
 
     source = load_model_source(cfg.model, tracking_uri=resolve_tracking_uri(cfg.mlflow.tracking_uri),
                                preset=cfg.model_preset or None, seed=cfg.train.seed,
-                               storage_options=data_lib.storage_options(cfg.data))
+                               storage_options=data_lib.storage_options(cfg.storage))
     model_config = source.config.replace(img_size=cfg.img_size or source.config.img_size)
     log.info("fine-tuning %s on %s (%d samples, %d classes)%s", source.describe(), train_url,
              train_set.num_samples, num_classes, f", validation {val_url}" if val_url else "")
@@ -168,8 +83,7 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
     if checkpoint is not None and run_id is not None and cfg.mlflow.register:
         registered = _register(cfg, checkpoint, model_config, num_classes, train_set.class_names,
                                launch.tracking_uri, run_id, train_url, source)
-    if run_id is not None:
-        launch.tracker._safe("end run", launch.tracker.client.set_terminated, run_id, "FINISHED")
+    launch.tracker.finish("FINISHED")
     return FinetuneResult(
         run_name=cfg.run_name,
         checkpoint_path=checkpoint.path if checkpoint is not None else None,
@@ -188,7 +102,7 @@ def _register(cfg: FinetuneConfig, checkpoint: Any, model_config: Any, num_class
               source: Any) -> dict[str, str | None]:
     """Exports the classifier of ``checkpoint`` and registers it (once); a failure is a warning."""
     from convmae import ConvMAEBackbone
-    from service.registry import (
+    from service.tracking.registry import (
         export_checkpoint,
         git_commit,
         register_checkpoint_once,

@@ -4,7 +4,7 @@ Logging from code (not a pickled object) means loading a registered model never 
 anything: the weights are safetensors and the config is JSON (``convmae.save_pretrained``).
 ``mlflow.pyfunc.load_model(uri).predict(images)`` returns, for ``(N, 3, H, W)`` normalised
 images, the encoder's pooled embeddings (pretrained models) or the class logits (fine-tuned
-classifiers); ``service.registry.load_model(uri)`` returns the full ``convmae`` model for
+classifiers); ``service.tracking.registry.load_model(uri)`` returns the full ``convmae`` model for
 fine-tuning and reconstruction.
 """
 

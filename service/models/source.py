@@ -39,14 +39,12 @@ import torch
 import torch.nn as nn
 
 from convmae import ConvMAE, ConvMAEBackbone, ConvMAEConfig
+from service.runtime.engine import ENGINE_STATE_DIR, consolidated_state_dict, has_engine_state
 
 log = logging.getLogger(__name__)
 
-# What `python jobs/pretrain.py` registers by default, in the default local MLflow store.
-DEFAULT_MODEL = "models:/convmae/latest"
 RANDOM_PREFIX = "random:"
 MLFLOW_PREFIXES = ("models:/", "runs:/")
-_DEEPSPEED_TAG_DIR = "ds"  # service.checkpointing.DS_TAG
 
 
 class ModelSourceError(ValueError):
@@ -110,18 +108,6 @@ def load_model_source(
     return source
 
 
-def validate_source_keys(cfg: Any) -> None:
-    """Checks a job config's ``model``, ``model_preset`` and ``img_size`` keys (before any work)."""
-    from convmae import PRESETS
-    from service.config import _check
-
-    _check(bool(cfg.model.strip()), "model", cfg.model, "a model URI, path, URL or random:PRESET[:IMG_SIZE]")
-    _check(not cfg.model_preset or cfg.model_preset in PRESETS, "model_preset", cfg.model_preset,
-           f"empty or one of {', '.join(sorted(PRESETS))}")
-    _check(cfg.img_size == 0 or (cfg.img_size >= 16 and cfg.img_size % 16 == 0), "img_size", cfg.img_size,
-           "0 (the model's own) or a positive multiple of 16")
-
-
 # ---------------------------------------------------------------- random baselines
 
 
@@ -154,8 +140,8 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> ModelSource:
     from mlflow.exceptions import MlflowException
 
     from convmae import load_pretrained
-    from service.registry import download_model_dir
     from service.tracking import resolve_tracking_uri
+    from service.tracking.registry import download_model_dir
 
     # Explicit URIs only: mlflow.set_tracking_uri would also rewrite MLFLOW_TRACKING_URI for
     # this process and everything it starts.
@@ -233,14 +219,12 @@ def _from_folder(folder: Path, uri: str, preset: str | None) -> ModelSource:
 
     if (folder / CONFIG_FILE).exists():
         return ModelSource(model=load_pretrained(folder), uri=uri, kind="pretrained_dir")
-    if (folder / _DEEPSPEED_TAG_DIR).is_dir():
-        from service.checkpointing import consolidated_state_dict
-
+    if has_engine_state(folder):
         source = from_state_dict(consolidated_state_dict(folder), uri=uri, preset=preset)
         source.kind = "deepspeed"
         return source
     raise ModelSourceError(f"--model {uri!r}: the folder holds neither a save_pretrained model "
-                           f"({CONFIG_FILE}) nor a DeepSpeed checkpoint ({_DEEPSPEED_TAG_DIR}/)")
+                           f"({CONFIG_FILE}) nor a DeepSpeed checkpoint ({ENGINE_STATE_DIR}/)")
 
 
 def from_state_dict(checkpoint: Mapping[str, Any], *, uri: str = "<state_dict>",

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service import checkpointing
+from service.runtime.engine import consolidated_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ WEIGHTS_ARTIFACT = "convmae"  # the folder written by convmae.save_pretrained in
 # Model-version tag holding the checkpoint a version was exported from, so that re-running a
 # finished job (or sweep) finds its version instead of registering the same weights again.
 CHECKPOINT_TAG = "checkpoint"
-PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
+PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
 
 
 def git_commit() -> str:
@@ -42,7 +42,7 @@ def export_checkpoint(checkpoint_dir: str | Path, model_config: dict[str, Any], 
 
     if model is None:
         model = build_model_from_config(ConvMAEConfig.from_dict(model_config))
-    state = checkpointing.consolidated_state_dict(checkpoint_dir)
+    state = consolidated_state_dict(checkpoint_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")

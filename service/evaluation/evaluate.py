@@ -4,7 +4,7 @@ The driver of ``jobs/evaluate.py``. It loads the model (``service.model_source``
 the encoder's pooled features of the training split (the k-NN bank and the probe's training
 set) and of the validation split, and scores:
 
-- ``eval/knn_top1``: weighted k-NN on cosine similarity (``service.evaluation.knn_top1``);
+- ``eval/knn_top1``: weighted k-NN on cosine similarity (``service.evaluation.metrics.knn_top1``);
 - ``eval/linear_probe_top1``: a deterministic logistic-regression probe on standardised
   features (``service.linear_probe``);
 - ``eval/recon_loss``: the MAE loss on the validation split at one fixed mask ratio with
@@ -21,55 +21,16 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from service.config import ConfigError, DataConfig, _check
-from service.model_source import DEFAULT_MODEL, validate_source_keys
+from service.config import ConfigError, EvaluateConfig
 
 log = logging.getLogger("convmae.evaluate")
 
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    # models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model, a save_pretrained or checkpoint
-    # folder, a checkpoint file or URL (official ConvMAE .pth too), or random:PRESET[:IMG_SIZE].
-    model: str = DEFAULT_MODEL
-    model_preset: str = ""  # preset of a config-less checkpoint; empty: inferred from its shapes
-    img_size: int = 0  # random: models only (0: the preset's); others use their own
-    seed: int = 0  # initialisation seed of random: models (0 = the pretraining's default start)
-    data: DataConfig = field(default_factory=DataConfig)
-    batch_size: int = 64
-    knn_k: int = 20  # 0 turns k-NN off
-    knn_temperature: float = 0.07
-    train_samples: int = 20_000  # features drawn from the train split (k-NN bank, probe fit)
-    linear_probe: bool = True
-    probe_weight_decay: float = 1e-4
-    probe_max_iter: int = 500
-    mask_ratio: float = 0.75  # fixed ratio of the reconstruction loss
-    tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else ./mlruns.db
-    log_to_run: bool = True  # log the metrics on the model's MLflow run (models:/, runs:/)
-    output: str = ""  # also write the results as JSON to this path
-
-    def validate(self) -> EvaluateConfig:
-        validate_evaluate(self)
-        return self
-
-
-def validate_evaluate(cfg: EvaluateConfig) -> None:
-    validate_source_keys(cfg)
-    _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, ">= 1")
-    _check(cfg.knn_k >= 0, "knn_k", cfg.knn_k, ">= 0 (0 turns k-NN off)")
-    _check(cfg.knn_temperature > 0, "knn_temperature", cfg.knn_temperature, "> 0")
-    _check(cfg.train_samples >= 1, "train_samples", cfg.train_samples, ">= 1")
-    _check(cfg.probe_weight_decay >= 0, "probe_weight_decay", cfg.probe_weight_decay, ">= 0")
-    _check(cfg.probe_max_iter >= 1, "probe_max_iter", cfg.probe_max_iter, ">= 1")
-    _check(0.0 < cfg.mask_ratio < 1.0, "mask_ratio", cfg.mask_ratio, "0 < mask_ratio < 1")
-    _check(cfg.data.loader_workers >= 0, "data.loader_workers", cfg.data.loader_workers, ">= 0")
 
 
 @dataclass
@@ -108,9 +69,14 @@ def format_table(model: str, metrics: dict[str, float], details: dict[str, Any])
 def run_evaluation(cfg: EvaluateConfig, *, device: torch.device | str | None = None) -> EvaluationResult:
     """Evaluates ``cfg.model`` on ``cfg.data`` (default: the embedded digits) in this process."""
     from service import data as data_lib
-    from service import evaluation
     from service.data import storage_options
-    from service.model_source import load_model_source
+    from service.evaluation.metrics import (
+        extract_features,
+        knn_top1,
+        pooled_embedding,
+        reconstruction_loss,
+    )
+    from service.models.source import load_model_source
     from service.tracking import resolve_tracking_uri
 
     cfg.validate()
@@ -118,7 +84,7 @@ def run_evaluation(cfg: EvaluateConfig, *, device: torch.device | str | None = N
     if not val_url:
         raise ConfigError("evaluation needs a labeled held-out split: set data.val_url "
                           "(the embedded data set has one: leave data.url empty)")
-    train_set, val_set = data_lib.open_dataset(train_url, cfg.data), data_lib.open_dataset(val_url, cfg.data)
+    train_set, val_set = data_lib.open_dataset(train_url, cfg.storage), data_lib.open_dataset(val_url, cfg.storage)
     for name, url, ds in (("data.url", train_url, train_set), ("data.val_url", val_url, val_set)):
         if not ds.has_labels:
             raise ConfigError(f"{name}={url!r} has no labels (.cls): k-NN and the linear probe need a "
@@ -127,21 +93,21 @@ def run_evaluation(cfg: EvaluateConfig, *, device: torch.device | str | None = N
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
     source = load_model_source(cfg.model, tracking_uri=tracking_uri, preset=cfg.model_preset or None,
                                img_size=cfg.img_size or None, seed=cfg.seed,
-                               storage_options=storage_options(cfg.data))
+                               storage_options=storage_options(cfg.storage))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = source.model.to(device).eval()
     img_size = source.config.img_size
-    loader = dict(img_size=img_size, batch_size=cfg.batch_size)
+    loader = dict(storage=cfg.storage, img_size=img_size, batch_size=cfg.batch_size)
     common = dict(img_size=img_size, device=device, dtype=torch.float32)
 
     started = time.perf_counter()
-    embed = evaluation.pooled_embedding(model)
+    embed = pooled_embedding(model)
     # The first train_samples of the train split (prepared data sets are written shuffled).
-    bank, bank_labels = evaluation.extract_features(
+    bank, bank_labels = extract_features(
         embed, _first_samples(data_lib.build_eval_loader(train_url, cfg.data, **loader), cfg.train_samples),
         **common)
     bank, bank_labels = bank[: cfg.train_samples], bank_labels[: cfg.train_samples]
-    query, query_labels = evaluation.extract_features(
+    query, query_labels = extract_features(
         embed, data_lib.build_eval_loader(val_url, cfg.data, **loader), **common)
     num_classes = max(train_set.num_classes, val_set.num_classes,
                       int(max(bank_labels.max(), query_labels.max())) + 1)
@@ -153,12 +119,12 @@ def run_evaluation(cfg: EvaluateConfig, *, device: torch.device | str | None = N
         "probe_weight_decay": cfg.probe_weight_decay, "model_kind": source.kind,
     }
     if cfg.knn_k > 0:
-        metrics["eval/knn_top1"] = evaluation.knn_top1(bank, bank_labels, query, query_labels, num_classes,
+        metrics["eval/knn_top1"] = knn_top1(bank, bank_labels, query, query_labels, num_classes,
                                                        k=cfg.knn_k, temperature=cfg.knn_temperature)
     else:
         details["eval/knn_top1_skipped"] = "off (knn_k=0)"
     if cfg.linear_probe:
-        from service.linear_probe import linear_probe_top1
+        from service.evaluation.linear_probe import linear_probe_top1
 
         metrics["eval/linear_probe_top1"] = linear_probe_top1(
             bank, bank_labels, query, query_labels, num_classes,
@@ -166,7 +132,7 @@ def run_evaluation(cfg: EvaluateConfig, *, device: torch.device | str | None = N
     else:
         details["eval/linear_probe_top1_skipped"] = "off (linear_probe=false)"
     if source.is_pretraining_model:
-        metrics["eval/recon_loss"] = evaluation.reconstruction_loss(
+        metrics["eval/recon_loss"] = reconstruction_loss(
             model, data_lib.build_eval_loader(val_url, cfg.data, **loader), mask_ratio=cfg.mask_ratio, **common)
     else:
         details["eval/recon_loss_skipped"] = "n/a: the model has no decoder (fine-tuned or backbone-only)"
@@ -174,7 +140,7 @@ def run_evaluation(cfg: EvaluateConfig, *, device: torch.device | str | None = N
 
     result = EvaluationResult(model=source.describe(), metrics=metrics, details=details, run_id=source.run_id)
     if cfg.log_to_run and source.run_id and source.tracking_uri:
-        result.logged = _log_to_run(source.tracking_uri, source.run_id, cfg, result)
+        result.logged = log_to_run_metrics(source.tracking_uri, source.run_id, cfg, result)
     if cfg.output:
         out = Path(cfg.output)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,13 +159,12 @@ def _first_samples(batches: Iterable[dict], limit: int) -> Iterator[dict]:
         yield batch
 
 
-def _log_to_run(tracking_uri: str, run_id: str, cfg: EvaluateConfig, result: EvaluationResult) -> bool:
+def log_to_run_metrics(tracking_uri: str, run_id: str, cfg: EvaluateConfig, result: EvaluationResult) -> bool:
     """Metrics onto the model's run (step = its last training step); False when MLflow failed."""
     from service.tracking import Tracker
 
     tracker = Tracker(tracking_uri, run_id)
-    history = tracker._safe("read run", tracker.client.get_metric_history, run_id, "train/loss") or []
-    step = max((m.step for m in history), default=0)
+    step = tracker.last_step("train/loss") or 0
     tracker.log_metrics(result.metrics, step=step)
     # Tags, not params: an evaluation may be repeated with other settings on the same run.
     tracker.set_tags({"eval.data_url": result.details["val_url"], "eval.mask_ratio": cfg.mask_ratio,

@@ -2,7 +2,7 @@
 
 Runs on the Ray driver (``python jobs/pretrain.py`` or ``ray job submit``). It checks the data
 and config before any cluster work, opens the MLflow run, launches the Ray Train
-``TorchTrainer`` whose workers run ``service.train_loop.train_worker``, and at the end exports
+``TorchTrainer`` whose workers run ``service.training.pretrain_worker.train_worker``, and at the end exports
 the consolidated model from the last checkpoint and registers it.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import PretrainConfig, to_dict
-from service.launch import absolute_url, fit_workers, open_launch
+from service.training.launch import absolute_url, fit_workers, open_launch
 
 log = logging.getLogger("convmae.pretrain")
 
@@ -40,13 +40,13 @@ def run_pretraining(
 ) -> PretrainResult:
     """Trains ``cfg`` on the Ray cluster (local when none is given) and registers the model."""
     from service import data as data_lib
-    from service.train_loop import train_worker
+    from service.training.pretrain_worker import train_worker
 
     cfg.validate()
     train_url, val_url = (absolute_url(u) for u in data_lib.resolve_data_urls(cfg.data))
-    train_set = data_lib.open_dataset(train_url, cfg.data)  # a missing bucket fails here, not in a worker
+    train_set = data_lib.open_dataset(train_url, cfg.storage)  # a missing bucket fails here, not in a worker
     if val_url:
-        data_lib.open_dataset(val_url, cfg.data)
+        data_lib.open_dataset(val_url, cfg.storage)
     log.info("data: %s (%d samples in %d shards)%s", train_url, train_set.num_samples, train_set.num_shards,
              f", validation {val_url}" if val_url else "")
 
@@ -60,8 +60,7 @@ def run_pretraining(
     if checkpoint is not None and launch.run_id is not None and cfg.mlflow.register:
         registered = register_checkpoint(cfg, checkpoint, launch.tracking_uri, launch.run_id, train_url)
         registered_uri, model_uri = registered["registered_uri"], registered["model_uri"]
-    if launch.run_id is not None:
-        launch.tracker._safe("end run", launch.tracker.client.set_terminated, launch.run_id, "FINISHED")
+    launch.tracker.finish("FINISHED")
     return PretrainResult(
         run_name=cfg.run_name,
         storage_path=launch.storage_label,
@@ -78,7 +77,7 @@ def register_checkpoint(cfg: PretrainConfig, checkpoint: Any, tracking_uri: str,
                         train_url: str) -> dict[str, str | None]:
     """Logs the consolidated model of ``checkpoint`` (a Ray Train Checkpoint) to ``run_id`` and
     registers it (once per checkpoint); on failure warns and returns Nones."""
-    from service.registry import (
+    from service.tracking.registry import (
         export_checkpoint,
         git_commit,
         register_checkpoint_once,

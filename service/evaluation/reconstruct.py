@@ -10,46 +10,14 @@ mapped back to pixels).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from service.config import ConfigError, DataConfig, _check
-from service.model_source import DEFAULT_MODEL, validate_source_keys
+from service.config import ConfigError, ReconstructConfig
 
 log = logging.getLogger("convmae.reconstruct")
-
-SPLITS = ("val", "train")
-
-
-@dataclass(frozen=True)
-class ReconstructConfig:
-    # A pretraining model (it needs the decoder): models:/..., runs:/..., a folder, a checkpoint
-    # file or URL (official ConvMAE pretraining .pth too), or random:PRESET[:IMG_SIZE].
-    model: str = DEFAULT_MODEL
-    model_preset: str = ""  # preset of a config-less checkpoint; empty: inferred from its shapes
-    img_size: int = 0  # random: models only (0: the preset's)
-    images: int = 8  # how many rows
-    out: str = "reconstructions.png"
-    mask_ratio: float = 0.75
-    seed: int = 0  # the masks (and a random: model's weights)
-    scale: int = 4  # nearest-neighbour upscaling of the whole grid (small images stay visible)
-    split: str = "val"  # which split of the data set: val (data.val_url) or train (data.url)
-    inputs: str = ""  # comma-separated image files or URLs to use instead of the data set
-    data: DataConfig = field(default_factory=DataConfig)
-    tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else ./mlruns.db
-    log_to_run: bool = False  # also log the PNG on the model's MLflow run (models:/, runs:/)
-
-    def validate(self) -> ReconstructConfig:
-        validate_source_keys(self)
-        _check(1 <= self.images <= 256, "images", self.images, "1..256")
-        _check(bool(self.out) and self.out.lower().endswith(".png"), "out", self.out, "a path ending in .png")
-        _check(0.0 < self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "0 < mask_ratio < 1")
-        _check(1 <= self.scale <= 32, "scale", self.scale, "1..32")
-        _check(self.split in SPLITS, "split", self.split, f"one of {', '.join(SPLITS)}")
-        return self
-
 
 @dataclass
 class ReconstructResult:
@@ -81,7 +49,7 @@ def load_images(cfg: ReconstructConfig, img_size: int) -> torch.Tensor:
     url = val_url if cfg.split == "val" else train_url
     if not url:
         raise ConfigError("split=val but the data set has no validation split: set data.val_url or split=train")
-    batch = next(iter(data_lib.build_eval_loader(url, cfg.data, img_size=img_size, batch_size=cfg.images)), None)
+    batch = next(iter(data_lib.build_eval_loader(url, cfg.data, storage=cfg.storage, img_size=img_size, batch_size=cfg.images)), None)
     if batch is None:
         raise ConfigError(f"no decodable images in {url}")
     return batch["images"]
@@ -89,14 +57,14 @@ def load_images(cfg: ReconstructConfig, img_size: int) -> torch.Tensor:
 
 def run_reconstruct(cfg: ReconstructConfig) -> ReconstructResult:
     from service.data import storage_options
-    from service.model_source import ModelSourceError, load_model_source
+    from service.evaluation.visualize import render_reconstructions
+    from service.models.source import ModelSourceError, load_model_source
     from service.tracking import Tracker, resolve_tracking_uri
-    from service.visualize import render_reconstructions
 
     cfg.validate()
     source = load_model_source(cfg.model, tracking_uri=resolve_tracking_uri(cfg.tracking_uri),
                                preset=cfg.model_preset or None, img_size=cfg.img_size or None, seed=cfg.seed,
-                               storage_options=storage_options(cfg.data))
+                               storage_options=storage_options(cfg.storage))
     if not source.is_pretraining_model:
         raise ModelSourceError(f"--model {cfg.model!r} has no decoder (a fine-tuned or backbone-only model): "
                                "reconstructions need a pretraining model")

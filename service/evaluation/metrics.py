@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from service import distributed
+from service.runtime.worker import all_gather_tensors, all_reduce_max, all_reduce_sum
 
 EVAL_MASK_SEED = 20_220_503  # fixed masks: the same for every trial and every evaluation
 
@@ -67,7 +67,7 @@ def lockstep(batches: Iterable[dict], device: torch.device) -> Iterator[dict | N
     it = iter(batches)
     while True:
         batch = next(it, None)
-        if distributed.all_reduce_max(int(batch is not None), device) == 0:
+        if all_reduce_max(int(batch is not None), device) == 0:
             return
         yield batch
 
@@ -97,7 +97,7 @@ def reconstruction_loss(
         images = batch["images"].to(device, dtype=dtype)
         loss, _, _ = module(images, mask_ratio=mask_ratio, generator=gen)
         total += torch.tensor([float(loss) * images.shape[0], images.shape[0]], dtype=torch.float64, device=device)
-    total = distributed.all_reduce_sum(total)
+    total = all_reduce_sum(total)
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
@@ -124,10 +124,10 @@ def extract_features(
     width = feats[0].shape[1] if feats else 0
     f = torch.cat(feats) if feats else torch.zeros(0, width, device=device)
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
-    width = distributed.all_reduce_max(f.shape[1], device)
+    width = all_reduce_max(f.shape[1], device)
     if f.shape[1] != width:  # a worker with no samples: give its empty tensor the right width
         f = torch.zeros(0, width, device=device)
-    return distributed.all_gather_tensors(f).cpu(), distributed.all_gather_tensors(y).cpu()
+    return all_gather_tensors(f).cpu(), all_gather_tensors(y).cpu()
 
 
 @torch.no_grad()
@@ -157,7 +157,7 @@ def classification_metrics(
             F.cross_entropy(logits, labels, reduction="sum").double(),
             torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
         ])
-    total = distributed.all_reduce_sum(total)
+    total = all_reduce_sum(total)
     if total[2] == 0:
         return {"top1": float("nan"), "loss": float("nan")}
     return {"top1": float(total[0] / total[2]), "loss": float(total[1] / total[2])}
@@ -182,22 +182,22 @@ def validate_during_training(
     metrics: dict[str, float] = {}
     try:
         val_batches = data_lib.build_eval_loader(
-            val_url, cfg.data, img_size=img_size, batch_size=bs, rank=ctx.rank, world_size=ctx.world_size
+            val_url, cfg.data, storage=cfg.storage, img_size=img_size, batch_size=bs, rank=ctx.rank, world_size=ctx.world_size
         )
         metrics["val/recon_loss"] = reconstruction_loss(
             module, val_batches, mask_ratio=cfg.train.eval_mask_ratio, img_size=img_size,
             device=ctx.device, dtype=dtype, rank=ctx.rank,
         )
-        if cfg.train.knn_k > 0 and data_lib.open_dataset(val_url, cfg.data).has_labels:
+        if cfg.train.knn_k > 0 and data_lib.open_dataset(val_url, cfg.storage).has_labels:
             embed = pooled_embedding(module)
             common = dict(img_size=img_size, device=ctx.device, dtype=dtype)
             train_batches = data_lib.build_eval_loader(
-                train_url, cfg.data, img_size=img_size, batch_size=bs, rank=ctx.rank, world_size=ctx.world_size
+                train_url, cfg.data, storage=cfg.storage, img_size=img_size, batch_size=bs, rank=ctx.rank, world_size=ctx.world_size
             )
             per_worker = -(-cfg.train.knn_train_samples // ctx.world_size)
             bank, bank_labels = extract_features(embed, train_batches, limit=per_worker, **common)
             val_batches = data_lib.build_eval_loader(
-                val_url, cfg.data, img_size=img_size, batch_size=bs, rank=ctx.rank, world_size=ctx.world_size
+                val_url, cfg.data, storage=cfg.storage, img_size=img_size, batch_size=bs, rank=ctx.rank, world_size=ctx.world_size
             )
             query, query_labels = extract_features(embed, val_batches, **common)
             num_classes = int(max(bank_labels.max(), query_labels.max())) + 1

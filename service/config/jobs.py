@@ -1,0 +1,257 @@
+"""Every job's config: a frozen dataclass tree with its own ``validate``.
+
+Training jobs (pretraining, fine-tuning, and the trials of a sweep) share ``TrainingJobConfig``:
+run name, data, storage, the ``train`` optimizer keys, ``dist``, ``checkpoint`` and ``mlflow``,
+with the batch and lr arithmetic. The downstream jobs (evaluate, reconstruct) name a model
+source instead. Validation fails fast, before Ray starts, with the bad key, its value and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.config.schema import check
+from service.config.sections import (
+    PRECISIONS,
+    ZERO_STAGES,
+    CheckpointConfig,
+    DataConfig,
+    DistributedConfig,
+    FinetuneTrainConfig,
+    MLflowConfig,
+    ModelConfig,
+    OptimConfig,
+    StorageConfig,
+    TrainConfig,
+)
+
+# What `python jobs/pretrain.py` registers by default, in the default local MLflow store.
+DEFAULT_MODEL = "models:/convmae/latest"
+RECONSTRUCT_SPLITS = ("val", "train")
+
+
+@dataclass(frozen=True)
+class TrainingJobConfig:
+    """What every job that trains on Ray Train workers has."""
+
+    run_name: str = "convmae-run"
+    data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.train.batch_size_per_worker * self.dist.num_workers * self.train.grad_accum_steps
+
+    @property
+    def learning_rate(self) -> float:
+        """``train.lr``, else MAE's rule ``train.blr * effective_batch / 256``."""
+        if self.train.lr is not None:
+            return self.train.lr
+        return self.train.blr * self.effective_batch_size / 256
+
+
+@dataclass(frozen=True)
+class PretrainConfig(TrainingJobConfig):
+    run_name: str = "convmae-pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> PretrainConfig:
+        validate_pretrain(self)
+        return self
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(TrainingJobConfig):
+    run_name: str = "convmae-finetune"
+    # The pretrained model: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model, a
+    # save_pretrained or checkpoint folder, a checkpoint file or URL (official ConvMAE .pth
+    # too), or random:PRESET[:IMG_SIZE] (training from scratch, as a baseline).
+    model: str = DEFAULT_MODEL
+    model_preset: str = ""  # preset of a config-less checkpoint; empty: inferred from its shapes
+    img_size: int = 0  # 0: the pretrained model's (position embeddings are interpolated otherwise)
+    num_classes: int = 0  # 0: the training data's number of classes
+    drop_path: float = 0.1
+    global_pool: bool = True  # classify the mean of the tokens (the paper's setting)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    mlflow: MLflowConfig = field(default_factory=lambda: MLflowConfig(
+        experiment="convmae-finetune", registered_model_name="convmae-classifier"))
+
+    def validate(self) -> FinetuneConfig:
+        validate_finetune(self)
+        return self
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    # models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model, a save_pretrained or checkpoint
+    # folder, a checkpoint file or URL (official ConvMAE .pth too), or random:PRESET[:IMG_SIZE].
+    model: str = DEFAULT_MODEL
+    model_preset: str = ""  # preset of a config-less checkpoint; empty: inferred from its shapes
+    img_size: int = 0  # random: models only (0: the preset's); others use their own
+    seed: int = 0  # initialisation seed of random: models (0 = the pretraining's default start)
+    data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    batch_size: int = 64
+    knn_k: int = 20  # 0 turns k-NN off
+    knn_temperature: float = 0.07
+    train_samples: int = 20_000  # features drawn from the train split (k-NN bank, probe fit)
+    linear_probe: bool = True
+    probe_weight_decay: float = 1e-4
+    probe_max_iter: int = 500
+    mask_ratio: float = 0.75  # fixed ratio of the reconstruction loss
+    tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else ./mlruns.db
+    log_to_run: bool = True  # log the metrics on the model's MLflow run (models:/, runs:/)
+    output: str = ""  # also write the results as JSON to this path
+
+    def validate(self) -> EvaluateConfig:
+        validate_model_source_keys(self)
+        check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        check(self.knn_k >= 0, "knn_k", self.knn_k, ">= 0 (0 turns k-NN off)")
+        check(self.knn_temperature > 0, "knn_temperature", self.knn_temperature, "> 0")
+        check(self.train_samples >= 1, "train_samples", self.train_samples, ">= 1")
+        check(self.probe_weight_decay >= 0, "probe_weight_decay", self.probe_weight_decay, ">= 0")
+        check(self.probe_max_iter >= 1, "probe_max_iter", self.probe_max_iter, ">= 1")
+        check(0.0 < self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "0 < mask_ratio < 1")
+        check(self.data.loader_workers >= 0, "data.loader_workers", self.data.loader_workers, ">= 0")
+        validate_storage(self.storage)
+        return self
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    # A pretraining model (it needs the decoder): models:/..., runs:/..., a folder, a checkpoint
+    # file or URL (official ConvMAE pretraining .pth too), or random:PRESET[:IMG_SIZE].
+    model: str = DEFAULT_MODEL
+    model_preset: str = ""  # preset of a config-less checkpoint; empty: inferred from its shapes
+    img_size: int = 0  # random: models only (0: the preset's)
+    images: int = 8  # how many rows
+    out: str = "reconstructions.png"
+    mask_ratio: float = 0.75
+    seed: int = 0  # the masks (and a random: model's weights)
+    scale: int = 4  # nearest-neighbour upscaling of the whole grid (small images stay visible)
+    split: str = "val"  # which split of the data set: val (data.val_url) or train (data.url)
+    inputs: str = ""  # comma-separated image files or URLs to use instead of the data set
+    data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else ./mlruns.db
+    log_to_run: bool = False  # also log the PNG on the model's MLflow run (models:/, runs:/)
+
+    def validate(self) -> ReconstructConfig:
+        validate_model_source_keys(self)
+        check(1 <= self.images <= 256, "images", self.images, "1..256")
+        check(bool(self.out) and self.out.lower().endswith(".png"), "out", self.out, "a path ending in .png")
+        check(0.0 < self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "0 < mask_ratio < 1")
+        check(1 <= self.scale <= 32, "scale", self.scale, "1..32")
+        check(self.split in RECONSTRUCT_SPLITS, "split", self.split, f"one of {', '.join(RECONSTRUCT_SPLITS)}")
+        validate_storage(self.storage)
+        return self
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_pretrain(cfg: PretrainConfig) -> None:
+    from convmae import PRESETS  # the model package owns the preset names
+
+    m, t = cfg.model, cfg.train
+    check(m.name in PRESETS, "model.name", m.name, f"one of {', '.join(sorted(PRESETS))}")
+    check(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "0 <= mask_ratio < 1")
+    check(0.0 < t.eval_mask_ratio < 1.0, "train.eval_mask_ratio", t.eval_mask_ratio, "0 < ratio < 1")
+    if m.name in PRESETS:
+        patch = PRESETS[m.name]().patch_size
+        check(m.img_size >= patch and m.img_size % patch == 0, "model.img_size", m.img_size,
+              f"a positive multiple of {patch} (the patch size of {m.name})")
+        # The encoder must see at least one patch: int(L * (1 - ratio)) >= 1.
+        patches = (m.img_size // patch) ** 2
+        for key, ratio in (("model.mask_ratio", m.mask_ratio), ("train.eval_mask_ratio", t.eval_mask_ratio)):
+            check(int(patches * (1.0 - ratio)) >= 1, key, ratio,
+                  f"at most {(patches - 1) / patches:g} at model.img_size={m.img_size} ({patches} patches of "
+                  f"{patch}x{patch}; the encoder must see one)")
+    check(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", cfg.data.shuffle_buffer, ">= 1")
+    check(t.knn_k >= 0, "train.knn_k", t.knn_k, ">= 0 (0 turns k-NN off)")
+    check(t.knn_train_samples >= 1, "train.knn_train_samples", t.knn_train_samples, ">= 1")
+    check(cfg.mlflow.recon_every_epochs >= 1, "mlflow.recon_every_epochs", cfg.mlflow.recon_every_epochs, ">= 1")
+    validate_training_job(cfg)
+
+
+def validate_finetune(cfg: FinetuneConfig) -> None:
+    t = cfg.train
+    validate_model_source_keys(cfg)
+    check(cfg.num_classes >= 0, "num_classes", cfg.num_classes, ">= 0 (0: from the data)")
+    check(0.0 <= cfg.drop_path < 1.0, "drop_path", cfg.drop_path, "0 <= drop_path < 1")
+    check(0.0 < t.layer_decay <= 1.0, "train.layer_decay", t.layer_decay, "0 < layer_decay <= 1 (1: off)")
+    check(t.mixup >= 0, "train.mixup", t.mixup, ">= 0 (0 turns Mixup off)")
+    check(t.cutmix >= 0, "train.cutmix", t.cutmix, ">= 0 (0 turns CutMix off)")
+    check(0.0 <= t.mixup_prob <= 1.0, "train.mixup_prob", t.mixup_prob, "0 <= p <= 1")
+    check(0.0 <= t.mixup_switch_prob <= 1.0, "train.mixup_switch_prob", t.mixup_switch_prob, "0 <= p <= 1")
+    check(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", t.label_smoothing, "0 <= s < 1")
+    validate_training_job(cfg)
+
+
+def validate_training_job(cfg: TrainingJobConfig) -> None:
+    """The keys every training job shares: data loading, storage, ``train.*``, run and workers."""
+    d = cfg.data
+    check(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, ">= 0")
+    check(0.0 < d.min_crop_scale <= 1.0, "data.min_crop_scale", d.min_crop_scale, "0 < scale <= 1")
+    validate_storage(cfg.storage)
+    validate_optimization(cfg.train)
+    validate_run(cfg)
+
+
+def validate_storage(s: StorageConfig) -> None:
+    check(s.max_retries >= 0, "storage.max_retries", s.max_retries, ">= 0")
+
+
+def validate_optimization(t: OptimConfig) -> None:
+    check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
+    check(t.batch_size_per_worker >= 1, "train.batch_size_per_worker", t.batch_size_per_worker, ">= 1")
+    check(t.blr > 0, "train.blr", t.blr, "> 0")
+    check(t.lr is None or t.lr > 0, "train.lr", t.lr, "> 0 or null")
+    check(t.min_lr >= 0, "train.min_lr", t.min_lr, ">= 0")
+    check(t.warmup_epochs >= 0, "train.warmup_epochs", t.warmup_epochs, ">= 0")
+    check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
+    check(all(0.0 <= b < 1.0 for b in t.betas), "train.betas", t.betas, "two values in [0, 1)")
+    check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, ">= 1")
+    check(t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", t.clip_grad, "> 0 or null")
+    check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1 or null")
+    check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
+    check(t.val_every_epochs >= 1, "train.val_every_epochs", t.val_every_epochs, ">= 1")
+
+
+def validate_run(cfg: TrainingJobConfig) -> None:
+    """``run_name``, ``dist.*`` and ``checkpoint.*``: how and where a training job runs."""
+    g, c = cfg.dist, cfg.checkpoint
+    check(g.num_workers >= 1, "dist.num_workers", g.num_workers, ">= 1")
+    check(g.cpus_per_worker > 0, "dist.cpus_per_worker", g.cpus_per_worker, "> 0")
+    check(g.gpus_per_worker > 0, "dist.gpus_per_worker", g.gpus_per_worker, "> 0")
+    check(g.zero_stage in ZERO_STAGES, "dist.zero_stage", g.zero_stage, f"one of {ZERO_STAGES}")
+    check(g.precision in PRECISIONS, "dist.precision", g.precision, f"one of {PRECISIONS}")
+    check(g.max_failures >= -1, "dist.max_failures", g.max_failures, ">= 0, or -1 for unlimited")
+    if g.use_gpu is False:
+        check(g.precision in ("auto", "fp32"), "dist.precision", g.precision,
+              "fp32 (or auto) when dist.use_gpu is false: CPU training runs in fp32")
+    check(g.offload_optimizer is False or g.zero_stage >= 1, "dist.offload_optimizer",
+          g.offload_optimizer, "true only with dist.zero_stage >= 1")
+    check(c.every_steps >= 1, "checkpoint.every_steps", c.every_steps, ">= 1")
+    check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, ">= 1")
+    check(bool(c.storage_path), "checkpoint.storage_path", c.storage_path, "a local path or URL")
+    check(bool(cfg.run_name) and "/" not in cfg.run_name, "run_name", cfg.run_name,
+          "a non-empty name without '/'")
+
+
+def validate_model_source_keys(cfg: Any) -> None:
+    """A downstream job's ``model``, ``model_preset`` and ``img_size`` keys."""
+    from convmae import PRESETS
+
+    check(bool(cfg.model.strip()), "model", cfg.model, "a model URI, path, URL or random:PRESET[:IMG_SIZE]")
+    check(not cfg.model_preset or cfg.model_preset in PRESETS, "model_preset", cfg.model_preset,
+          f"empty or one of {', '.join(sorted(PRESETS))}")
+    check(cfg.img_size == 0 or (cfg.img_size >= 16 and cfg.img_size % 16 == 0), "img_size", cfg.img_size,
+          "0 (the model's own) or a positive multiple of 16")

@@ -1,0 +1,124 @@
+"""The sections job configs are made of; each is a frozen dataclass with its defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "convmae_tiny"  # a preset of convmae.PRESETS
+    img_size: int = 32
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How to reach object storage; one section serves data, checkpoints, models and sweeps.
+
+    Credentials are never config: they come from the standard AWS_* environment variables or
+    botocore's chain (profile files, instance or pod roles), so no secret is logged with it.
+    """
+
+    endpoint_url: str | None = None  # None: AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (MinIO...)
+    region: str | None = None  # None: AWS_REGION, else AWS_DEFAULT_REGION
+    anon: bool = False  # read public buckets without credentials
+    max_retries: int = 5  # transient errors are retried with backoff this many times
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Any fsspec URL of a prepared shard data set (s3://bucket/prefix, file://, local path,
+    # memory://). Empty: the embedded data set, generated locally on first use.
+    url: str = ""
+    # Held-out split for validation reconstruction loss / k-NN. Empty: the embedded val split
+    # when url is empty, else no validation.
+    val_url: str = ""
+    loader_workers: int = 2
+    shuffle_buffer: int = 512
+    min_crop_scale: float = 0.2
+    hflip: bool = True
+    # Where the embedded data set is generated (relative to the working directory).
+    embedded_dir: str = "convmae_data"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The ``train.*`` keys of the optimizer, schedule and loop that every training job has."""
+
+    epochs: int = 2
+    batch_size_per_worker: int = 32
+    blr: float = 1.5e-4  # lr = blr * effective_batch / 256
+    lr: float | None = None  # absolute lr; overrides blr when set
+    min_lr: float = 0.0
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_accum_steps: int = 1
+    clip_grad: float | None = None
+    seed: int = 0
+    max_steps: int | None = None  # stop early after this many optimizer steps (tests, smoke runs)
+    log_every_steps: int = 10
+    val_every_epochs: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig(OptimConfig):
+    """Pretraining: MAE's recipe plus the validation metrics that compare runs."""
+
+    eval_mask_ratio: float = 0.75  # fixed ratio for the comparable validation loss
+    knn_k: int = 20  # k of the k-NN validation metric on labeled data; 0 turns it off
+    knn_train_samples: int = 20_000  # size of the k-NN feature bank drawn from the train split
+
+
+@dataclass(frozen=True)
+class FinetuneTrainConfig(OptimConfig):
+    # Paper recipe (ConvMAE-B on ImageNet: 100 epochs, 5 warmup) scaled to a short CPU run;
+    # jobs/configs/finetune_base_in1k.yaml has the full recipe.
+    epochs: int = 10
+    blr: float = 5e-4
+    min_lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = 0.65  # lr of layer l is scaled by layer_decay ** (num_layers - l)
+    mixup: float = 0.8  # Mixup alpha; 0 turns it off
+    cutmix: float = 1.0  # CutMix alpha; 0 turns it off
+    mixup_prob: float = 1.0  # probability that a batch is mixed
+    mixup_switch_prob: float = 0.5  # CutMix instead of Mixup, when both are on
+    label_smoothing: float = 0.1
+    eval_before_training: bool = True  # score the fresh classifier first (val/top1 at step 0)
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    num_workers: int = 1
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    zero_stage: int = 2
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    offload_optimizer: bool = False
+    max_failures: int = 0
+    ray_address: str | None = None  # None: connect to RAY_ADDRESS or start a local cluster
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    storage_path: str = "convmae_runs"  # local dir or s3://bucket/prefix
+    every_steps: int = 50
+    keep_last: int = 2
+    resume: bool = True  # continue from the latest checkpoint of the same run name
+
+
+@dataclass(frozen=True)
+class MLflowConfig:
+    enabled: bool = True
+    tracking_uri: str = ""  # empty: sqlite:///mlruns.db in the working directory
+    experiment: str = "convmae-pretrain"
+    registered_model_name: str = "convmae"
+    register: bool = True
+    recon_every_epochs: int = 1
+    system_metrics: bool = True

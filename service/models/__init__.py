@@ -1,0 +1,1 @@
+"""Where a downstream job's model comes from (``source``): one ``--model`` string, one model."""

@@ -1,0 +1,2 @@
+"""Distributed runtime: the Ray cluster (``cluster``), a worker's place in it (``worker``), the
+DeepSpeed engine boundary (``engine``), optimizer groups and lr schedule (``optim``)."""

@@ -1,0 +1,162 @@
+"""The engine boundary: everything DeepSpeed-specific lives behind ``Engine``.
+
+The training loops, checkpoints and exports speak to ``Engine`` only: build it from our config,
+run forward, backward and (at accumulation boundaries) the optimizer step, set the lr, save and
+load its state into a checkpoint folder, and read the consolidated fp32 weights back from such
+a folder. Swapping the engine (FSDP2, ...) or compiling the model changes this module alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.config import TrainingJobConfig
+from service.runtime.optim import param_groups
+
+# The engine's sub-folder of a checkpoint folder (DeepSpeed's "tag"): Ray Train gives every
+# checkpoint its own folder, so one fixed tag per folder is enough.
+ENGINE_STATE_DIR = "ds"
+
+
+def deepspeed_config(cfg: TrainingJobConfig, *, use_gpu: bool, precision: str, lr: float) -> dict[str, Any]:
+    """The DeepSpeed JSON config, generated from our config (never hand-written per run)."""
+    t, d = cfg.train, cfg.dist
+    zero: dict[str, Any] = {"stage": d.zero_stage}
+    if use_gpu:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_scatter=True)
+    else:
+        # gloo has no reduce_scatter; all-reduce instead and keep CPU runs simple.
+        zero.update(overlap_comm=False, contiguous_gradients=False, reduce_scatter=False)
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size_per_worker,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.batch_size_per_worker * t.grad_accum_steps * d.num_workers,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "wall_clock_breakdown": False,
+        # CPU runs pass torch's AdamW as a client optimizer (DeepSpeed's fused Adam is CUDA-only).
+        "zero_allow_untested_optimizer": True,
+    }
+    if t.clip_grad is not None:
+        config["gradient_clipping"] = t.clip_grad
+    if use_gpu:
+        # DeepSpeed's own AdamW: FusedAdam on GPU, DeepSpeedCPUAdam with offload.
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay},
+        }
+    return config
+
+
+def engine_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    """The dtype of the engine's weights, and so of the inputs it takes."""
+    if ds_config["bf16"]["enabled"]:
+        return torch.bfloat16
+    if ds_config["fp16"]["enabled"]:
+        return torch.float16
+    return torch.float32
+
+
+@dataclass
+class Engine:
+    """A model under DeepSpeed ZeRO with its optimizer; built by ``Engine.build``."""
+
+    ds_engine: Any  # deepspeed.DeepSpeedEngine
+    config: dict[str, Any]  # the DeepSpeed config it was built with
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, cfg: TrainingJobConfig, *, use_gpu: bool, precision: str, lr: float,
+              groups: list[dict[str, Any]] | None = None) -> Engine:
+        """An engine over ``model``; the process group is the one Ray Train set up.
+
+        ``groups``: the optimizer's parameter groups (default ``param_groups``); fine-tuning
+        passes ``layer_decay_param_groups``.
+        """
+        import deepspeed
+
+        ds_config = deepspeed_config(cfg, use_gpu=use_gpu, precision=precision, lr=lr)
+        if not torch.distributed.is_initialized():
+            # Single process outside Ray Train (a benchmark or notebook).
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        if groups is None:
+            groups = param_groups(model, cfg.train.weight_decay)
+        if "optimizer" in ds_config:
+            ds_engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.train.betas, eps=1e-8)
+            ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        return cls(ds_engine, ds_config)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model itself (its parameters are gathered under ZeRO-3 only inside a forward)."""
+        return self.ds_engine.module
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return engine_dtype(self.config)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.ds_engine(*args, **kwargs)
+
+    def set_lr(self, lr: float) -> None:
+        """Every group's lr: ``lr`` times its ``lr_scale`` (layer-wise decay; 1 when absent)."""
+        for group in self.ds_engine.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def backward_and_step(self, loss: torch.Tensor) -> bool:
+        """Backward and (at a gradient-accumulation boundary) an optimizer step; True at a boundary."""
+        self.ds_engine.backward(loss)
+        boundary = self.ds_engine.is_gradient_accumulation_boundary()
+        self.ds_engine.step()
+        return boundary
+
+    def save(self, folder: str | Path, client_state: dict[str, Any]) -> None:
+        """Writes this rank's share of the model and optimizer state (and ``client_state``) into
+        ``folder``; every rank calls it."""
+        self.ds_engine.save_checkpoint(str(folder), tag=ENGINE_STATE_DIR, client_state=client_state)
+
+    def load(self, folder: str | Path) -> dict[str, Any]:
+        """Restores model and optimizer state from ``folder``; returns the saved client state."""
+        load_path, client_state = self.ds_engine.load_checkpoint(str(folder), tag=ENGINE_STATE_DIR)
+        if load_path is None:
+            raise RuntimeError(f"checkpoint {folder} holds no engine state under {ENGINE_STATE_DIR!r}")
+        return client_state
+
+
+def has_engine_state(folder: str | Path) -> bool:
+    """True if ``folder`` is a checkpoint folder written by ``Engine.save``."""
+    return (Path(folder) / ENGINE_STATE_DIR).is_dir()
+
+
+def consolidated_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model weights from a checkpoint folder of any ZeRO stage."""
+    folder = Path(folder)
+    tag_dir = folder / ENGINE_STATE_DIR
+    # ZeRO-3 names them zero_pp_rank_R_mp_rank_00_model_states.pt, other stages mp_rank_00_...
+    files = sorted(tag_dir.glob("*mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"no DeepSpeed model states under {tag_dir}")
+    # Our own checkpoint (trusted): DeepSpeed pickles its config and shapes beside the tensors.
+    model_states = torch.load(files[0], map_location="cpu", weights_only=False)
+    stage = (model_states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
+    if stage > 0:  # fp32 master weights are spread over the ranks' optimizer shards
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=ENGINE_STATE_DIR))
+        # ZeRO-1 does not record frozen parameters (our fixed sin-cos position embeddings) in
+        # its optimizer shards; below ZeRO-3 the module states hold them whole.
+        for key, value in model_states["module"].items():
+            if key not in state and value.numel() > 0:
+                state[key] = value
+    else:
+        state = model_states["module"]
+    return {k: v.float().contiguous() for k, v in state.items()}

@@ -1,0 +1,13 @@
+"""MLflow: the run lifecycle and logging (``mlflow_run``), the model registry (``registry``),
+the pyfunc flavour registered models are served with (``pyfunc``)."""
+
+from service.tracking.mlflow_run import (
+    NullTracker,
+    Tracker,
+    ensure_experiment,
+    find_run_id,
+    open_run,
+    resolve_tracking_uri,
+)
+
+__all__ = ["NullTracker", "Tracker", "ensure_experiment", "find_run_id", "open_run", "resolve_tracking_uri"]

@@ -1,0 +1,76 @@
+"""Training checkpoints, persisted and restored through Ray Train.
+
+Every worker writes its share of the engine state (``Engine.save``) into a local folder and
+reports it; Ray Train merges the folders of all workers into one checkpoint in the run's
+storage (local or s3://) and keeps the last K. Restoring downloads that checkpoint on every worker and loads model, optimizer,
+the training position (epoch, batches consumed, step) and each rank's RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.runtime.engine import Engine
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class TrainState:
+    """Where training stands; restored exactly on resume."""
+
+    epoch: int = 0
+    optimizer_step: int = 0  # completed optimizer steps over the whole run
+    micro_step: int = 0  # completed micro-batches over the whole run
+    micro_in_epoch: int = 0  # micro-batches consumed in ``epoch``
+    samples_seen: int = 0  # images consumed, all workers together
+    loader_state: dict[str, Any] | None = None  # position inside ``epoch``
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng/rank_{rank:05d}.pt"
+
+
+def save(engine: Engine, state: TrainState, metrics: dict[str, Any], rank: int) -> None:
+    """Writes this worker's shards and reports the checkpoint (a barrier across workers)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="convmae-ckpt-") as tmp:
+        root = Path(tmp)
+        engine.save(root, {"train_state": asdict(state)})
+        (root / "rng").mkdir(exist_ok=True)
+        torch.save({"torch": torch.get_rng_state()}, root / _rng_file(rank))
+        if rank == 0:
+            (root / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(root)))
+
+
+def restore(engine: Engine, rank: int) -> TrainState | None:
+    """Loads the latest checkpoint Ray Train hands this worker, if any."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        client_state = engine.load(folder)
+        rng_path = Path(folder) / _rng_file(rank)
+        if rng_path.exists():
+            torch.set_rng_state(torch.load(rng_path, weights_only=True)["torch"])
+    state = TrainState(**client_state["train_state"])
+    log.info("resumed from %s at epoch %d, step %d", checkpoint.path, state.epoch, state.optimizer_step)
+    return state
+
+
+def read_train_state(folder: str | Path) -> TrainState:
+    return TrainState(**json.loads((Path(folder) / STATE_FILE).read_text()))

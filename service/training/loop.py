@@ -1,0 +1,282 @@
+"""The worker loop every training job shares; a job supplies only its step and its validation.
+
+``start_session`` builds what a Ray Train worker holds (engine, restored train state, rank 0's
+tracker); ``run_epochs`` owns the bookkeeping around the job's step: steps per epoch and the
+lr schedule, the micro-batch limit that keeps gradient-accumulation windows inside an epoch,
+progress lines and metrics, checkpoint cadence, epoch-end validation and the final save.
+
+The loss stays on the device between log steps: reading it on the host every step would
+synchronise host and device once per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.config import TrainingJobConfig
+from service.runtime.engine import Engine
+from service.runtime.optim import lr_at
+from service.runtime.worker import WorkerContext, all_reduce_sum
+from service.tracking import NullTracker, Tracker
+from service.training import checkpoints
+from service.training.checkpoints import TrainState
+from service.training.progress import ProgressMeter
+
+log = logging.getLogger("convmae.train")
+
+# Chaos testing: kill one worker once, at a given optimizer step, to exercise fault tolerance.
+# The marker file makes it happen once per run (the replacement worker must not die again).
+FAULT_STEP_ENV = "CONVMAE_FAULT_INJECT_STEP"
+FAULT_MARKER_ENV = "CONVMAE_FAULT_INJECT_MARKER"
+# Where a resumed run's last epoch-end metrics are kept in the train state (see start_session).
+EPOCH_METRICS = "epoch_metrics"
+
+
+def configure_worker_logging() -> None:
+    """One handler for the ``convmae`` and ``service`` loggers in a Ray worker process."""
+    if not logging.getLogger("convmae").handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
+        for name in ("convmae", "service"):
+            logger = logging.getLogger(name)
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False  # Ray's worker log capture would print each line twice
+
+
+@dataclass
+class WorkerSession:
+    """What a training worker holds after start-up (pretraining and fine-tuning alike)."""
+
+    ctx: WorkerContext
+    engine: Engine
+    state: TrainState  # restored from the latest checkpoint, or fresh
+    tracker: Tracker  # rank 0 logs to MLflow, the others hold a NullTracker
+    lr: float  # the base lr the schedule scales
+
+    @property
+    def is_chief(self) -> bool:
+        return self.ctx.rank == 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Of the engine's weights, and so of the inputs it takes."""
+        return self.engine.dtype
+
+
+def start_session(model: torch.nn.Module, cfg: TrainingJobConfig, loop_config: Mapping[str, Any],
+                  ctx: WorkerContext, groups: list[dict[str, Any]] | None = None) -> WorkerSession:
+    """The engine over ``model`` (optimizer ``groups``, default weight-decay groups), the train
+    state of the checkpoint Ray Train hands this worker, and rank 0's tracker."""
+    lr = loop_config["lr"]
+    engine = Engine.build(model, cfg, use_gpu=loop_config["use_gpu"], precision=loop_config["precision"],
+                          lr=lr, groups=groups)
+    state = checkpoints.restore(engine, ctx.rank) or TrainState()
+    if state.extra.get(EPOCH_METRICS):
+        # A run resumed after its last epoch-end report may never have had that report seen
+        # (a sweep interrupted right after it): say it again, so Tune's scheduler gets to decide
+        # at that epoch. Every worker reports, as Ray Train requires.
+        import ray.train
+
+        ray.train.report(dict(state.extra[EPOCH_METRICS]))
+    tracker: Tracker = NullTracker()
+    if ctx.rank == 0:
+        tracker = Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"], enabled=cfg.mlflow.enabled,
+                          system_metrics=cfg.mlflow.system_metrics)
+        if state.optimizer_step == 0:
+            tracker.log_dict(engine.config, "deepspeed_config.json")
+    return WorkerSession(ctx, engine, state, tracker, lr)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def plan_schedule(cfg: TrainingJobConfig, micro_batches_per_epoch: int) -> Schedule:
+    """Optimizer steps per epoch and in all, from the loader's batches per epoch."""
+    t = cfg.train
+    steps_per_epoch = micro_batches_per_epoch // t.grad_accum_steps
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"the data set gives {micro_batches_per_epoch} batches of {t.batch_size_per_worker} per worker per "
+            f"epoch, fewer than train.grad_accum_steps={t.grad_accum_steps}: lower the batch size or workers"
+        )
+    total_steps = t.epochs * steps_per_epoch
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+    return Schedule(steps_per_epoch, total_steps, int(round(t.warmup_epochs * steps_per_epoch)))
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """Where the loop stands when an epoch (or the run) ends."""
+
+    epoch: int  # 0-based index of the epoch that ended
+    finished: bool  # the epoch ran to its end (False: stopped early by train.max_steps)
+    done: bool  # the run ends here
+    validation_due: bool  # train.val_every_epochs says so (or the run ends)
+
+
+LoaderFactory = Callable[[int, "dict[str, Any] | None"], Any]
+
+
+def run_epochs(
+    session: WorkerSession,
+    cfg: TrainingJobConfig,
+    *,
+    loader_for: LoaderFactory,
+    step: Callable[[dict[str, Any]], torch.Tensor],
+    epoch_end: Callable[[EpochEnd], dict[str, float]],
+    schedule: Schedule,
+    report: Mapping[str, Any] | None = None,
+) -> None:
+    """Trains until ``train.epochs`` or ``train.max_steps``, resuming at ``session.state``.
+
+    ``loader_for(epoch, resume_state)``: the epoch's loader. ``step(batch)``: the job's forward
+    pass, returning the loss (the loop runs backward and the optimizer step). ``epoch_end``:
+    the job's validation; its ``val/*`` metrics are logged, and all are reported with the
+    epoch's checkpoint. ``report``: extra metrics reported with every checkpoint.
+    """
+    t, ctx, engine, state, tracker = cfg.train, session.ctx, session.engine, session.state, session.tracker
+    total_steps = schedule.total_steps
+    meter = ProgressMeter(total_steps=total_steps, start_step=state.optimizer_step)
+    window = _LossWindow(ctx.device)
+    images_per_micro = t.batch_size_per_worker * ctx.world_size
+    micro_limit = schedule.steps_per_epoch * t.grad_accum_steps  # leftover micro-batches never straddle epochs
+    last_saved_step = state.optimizer_step
+
+    def save(metrics: Mapping[str, Any]) -> None:
+        nonlocal last_saved_step
+        loss = window.last_loss()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {state.optimizer_step}; lower train.blr")
+        checkpoints.save(engine, state, {**(report or {}), **metrics, "train/loss": loss,
+                                         "step": state.optimizer_step, "epoch": state.epoch}, ctx.rank)
+        last_saved_step = state.optimizer_step
+
+    while state.epoch < t.epochs and state.optimizer_step < total_steps:
+        loader = loader_for(state.epoch, state.loader_state)
+        epoch_finished = True
+        for batch in loader:
+            if state.micro_in_epoch >= micro_limit:
+                break
+            lr = lr_at(state.optimizer_step, base_lr=session.lr, min_lr=t.min_lr,
+                       warmup_steps=schedule.warmup_steps, total_steps=total_steps)
+            engine.set_lr(lr)
+            loss = step(batch)
+            boundary = engine.backward_and_step(loss)
+            window.add(loss)
+            state.micro_step += 1
+            state.micro_in_epoch += 1
+            state.samples_seen += images_per_micro
+            meter.update(images_per_micro, steps=0)
+            if not boundary:
+                continue
+            state.optimizer_step += 1
+            meter.update(0, steps=1)
+            state.loader_state = loader.state_dict()
+            if state.optimizer_step % t.log_every_steps == 0 or state.optimizer_step == total_steps:
+                _log_progress(session, window, meter, lr, loader, t.epochs)
+            _maybe_inject_fault(state.optimizer_step, ctx.rank)
+            if state.optimizer_step >= total_steps:
+                epoch_finished = state.micro_in_epoch >= micro_limit
+                break
+            if state.optimizer_step % cfg.checkpoint.every_steps == 0:
+                save({})
+
+        finished_epoch = state.epoch
+        if epoch_finished:
+            state.epoch, state.micro_in_epoch, state.loader_state = state.epoch + 1, 0, None
+        done = state.optimizer_step >= total_steps or state.epoch >= t.epochs
+        due = done or (epoch_finished and (finished_epoch + 1) % t.val_every_epochs == 0)
+        epoch_metrics: dict[str, Any] = {"epochs_completed": state.epoch}
+        epoch_metrics.update(epoch_end(EpochEnd(finished_epoch, epoch_finished, done, due)))
+        val = {k: v for k, v in epoch_metrics.items() if k.startswith("val/")}
+        if session.is_chief and val:
+            tracker.log_metrics(val, step=state.optimizer_step)
+            log.info("epoch %d validation: %s", finished_epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
+        state.extra[EPOCH_METRICS] = epoch_metrics  # reported again on resume (see start_session)
+        save(epoch_metrics)
+
+    if last_saved_step != state.optimizer_step:
+        save({})
+    tracker.close()
+
+
+class _LossWindow:
+    """Sum and count of the losses since the last log step, kept on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._sums = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, count)
+        self._last: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor) -> None:
+        self._last = loss.detach()
+        self._sums[0] += self._last.to(torch.float64)
+        self._sums[1] += 1
+
+    def last_loss(self) -> float:
+        return float(self._last) if self._last is not None else float("nan")
+
+    def mean_over_workers(self) -> float:
+        """The window's mean loss over all workers (a collective); resets the window."""
+        summed = all_reduce_sum(self._sums).cpu()
+        self._sums.zero_()
+        return float(summed[0] / max(float(summed[1]), 1.0))
+
+
+def _log_progress(session: WorkerSession, window: _LossWindow, meter: ProgressMeter, lr: float, loader: Any,
+                  epochs: int) -> None:
+    """The progress line and step metrics (every rank calls this: the loss is averaged over workers)."""
+    state = session.state
+    mean_loss = window.mean_over_workers()
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"loss is {mean_loss} at step {state.optimizer_step}; lower train.blr")
+    figures = meter.flush(state.optimizer_step)
+    if not session.is_chief:
+        return
+    log.info(meter.line(epoch=state.epoch, epochs=epochs, step=state.optimizer_step, loss=mean_loss,
+                        lr=lr, figures=figures))
+    session.tracker.log_metrics(
+        {"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": figures["images_per_s"],
+         "train/step_time_s": figures["step_time_s"], "train/epoch": state.epoch,
+         "data/corrupt_samples": loader.corrupt_samples, **_memory_metrics(session.ctx.device)},
+        step=state.optimizer_step,
+    )
+
+
+def _memory_metrics(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {
+            "system/gpu_mem_allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
+            "system/gpu_mem_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+        }
+    try:
+        import psutil
+
+        return {"system/process_rss_gb": psutil.Process().memory_info().rss / 2**30}
+    except ImportError:
+        return {}
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    target = os.environ.get(FAULT_STEP_ENV)
+    marker = os.environ.get(FAULT_MARKER_ENV)
+    if target is None or marker is None or rank != 1 or step != int(target) or Path(marker).exists():
+        return
+    Path(marker).write_text(f"killed rank {rank} at step {step}\n")
+    log.warning("fault injection: killing rank %d at step %d", rank, step)
+    time.sleep(3.0)  # let the controller register the last reported checkpoint first
+    os._exit(1)

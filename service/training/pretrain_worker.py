@@ -1,0 +1,98 @@
+"""What a Ray Train worker does in pretraining: ConvMAE's masked-reconstruction step, and at
+epoch ends the validation metrics and a reconstruction grid. The loop is ``run_epochs``."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from service.config import PretrainConfig, from_dict
+from service.runtime.worker import worker_context
+from service.training.loop import (
+    EpochEnd,
+    configure_worker_logging,
+    plan_schedule,
+    run_epochs,
+    start_session,
+)
+
+log = logging.getLogger("convmae.train")
+
+RECON_IMAGES = 8  # rows of the reconstruction grid logged at epoch ends
+
+
+def mask_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
+    """Masks are a pure function of (seed, rank, step): resumed runs draw the same masks."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank * 7_919 + micro_step) % (2**63))
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker. ``loop_config`` is built by ``service.training.pretrain``."""
+    from convmae import build_model
+    from service import data as data_lib
+    from service.evaluation.metrics import validate_during_training
+
+    configure_worker_logging()
+    cfg = from_dict(PretrainConfig, loop_config["config"])
+    train_url, val_url = loop_config["train_url"], loop_config["val_url"]
+    ctx = worker_context()
+    t, m = cfg.train, cfg.model
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = build_model(m.name, img_size=m.img_size, norm_pix_loss=m.norm_pix_loss)
+    session = start_session(model, cfg, loop_config, ctx)
+    engine, state = session.engine, session.state
+
+    # The driver resolved the URLs (absolute, embedded set generated); workers must not redo it
+    # relative to their own working directory.
+    data_cfg = dataclasses.replace(cfg.data, url=train_url, val_url=val_url or "")
+
+    def loader_for(epoch: int, resume_state: dict | None):
+        return data_lib.build_train_loader(
+            data_cfg, storage=cfg.storage, img_size=m.img_size, batch_size=t.batch_size_per_worker,
+            rank=ctx.rank, world_size=ctx.world_size, seed=t.seed, epoch=epoch, resume_state=resume_state,
+        )
+
+    schedule = plan_schedule(cfg, len(loader_for(0, None)))
+    if session.is_chief:
+        log.info(
+            "training %s on %d worker(s) (%s, %s, ZeRO-%d): %d steps/epoch, %d steps, effective batch %d, lr %.3e",
+            m.name, ctx.world_size, "GPU" if loop_config["use_gpu"] else "CPU", loop_config["precision"],
+            cfg.dist.zero_stage, schedule.steps_per_epoch, schedule.total_steps, cfg.effective_batch_size,
+            session.lr,
+        )
+
+    recon_batch: torch.Tensor | None = None  # the first images seen: the same grid every epoch
+
+    def step(batch: dict[str, Any]) -> torch.Tensor:
+        nonlocal recon_batch
+        images = batch["images"].to(ctx.device, dtype=session.dtype, non_blocking=True)
+        if recon_batch is None:
+            recon_batch = images[:RECON_IMAGES].detach().clone()
+        loss, _, _ = engine(images, mask_ratio=m.mask_ratio, generator=mask_generator(t.seed, ctx.rank, state.micro_step))
+        return loss
+
+    def epoch_end(end: EpochEnd) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if val_url and end.validation_due:
+            metrics.update(validate_during_training(engine.module, cfg, val_url, train_url, ctx, session.dtype))
+        recon_due = end.finished and (end.epoch + 1) % cfg.mlflow.recon_every_epochs == 0
+        if recon_batch is not None and (recon_due or end.done):
+            # Every rank joins the forward (ZeRO-3 gathers weights collectively); rank 0 logs.
+            _log_reconstructions(session, cfg, recon_batch)
+        return metrics
+
+    run_epochs(session, cfg, loader_for=loader_for, step=step, epoch_end=epoch_end, schedule=schedule)
+
+
+def _log_reconstructions(session: Any, cfg: PretrainConfig, images: torch.Tensor) -> None:
+    from service.evaluation.visualize import masked_prediction, reconstruction_grid
+
+    module = session.engine.module
+    _, pred, mask = masked_prediction(module, images, mask_ratio=cfg.train.eval_mask_ratio, seed=cfg.train.seed)
+    if session.is_chief:
+        grid = reconstruction_grid(module.config, images.float().cpu(), pred.float().cpu(), mask.float().cpu())
+        session.tracker.log_image(grid, f"reconstructions/step_{session.state.optimizer_step:07d}.png")
