@@ -9,10 +9,8 @@ from .checkpoint import (
     convert_official_state_dict,
     export_official_state_dict,
     load_official_checkpoint,
-    load_pretrained,
     official_key_to_ours,
     our_key_to_official,
-    save_pretrained,
 )
 from .configs import (
     PRESETS,
@@ -27,6 +25,7 @@ from .configs import (
 from .masking import BlockMask, random_block_mask
 from .model import ConvMAE, build_model, build_model_from_config
 from .patches import patchify, unpatchify
+from .pretrained import load_pretrained, save_pretrained
 from .reconstruct import reconstruct
 
 __all__ = [

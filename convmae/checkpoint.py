@@ -1,4 +1,5 @@
-"""Checkpoints: official ConvMAE state dicts <-> ours, and our own safetensors format.
+"""Checkpoints: official ConvMAE state dicts <-> ours; the names of our safetensors format
+(written and read by ``convmae.pretrained``).
 
 Official key names (Alpha-VL/ConvMAE ``models_convmae.py`` / ``models_convvit.py``) map onto ours:
 
@@ -35,10 +36,9 @@ from typing import IO, Any, Union
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .configs import ConvMAEConfig
-from .model import ConvMAE
 
 CheckpointSource = Union[str, os.PathLike, IO[bytes], Mapping[str, Any]]
 
@@ -294,27 +294,7 @@ def load_official_checkpoint(src: CheckpointSource, model: nn.Module) -> nn.Modu
     return model
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` into the directory ``path``.
-
-    ``model`` is a ``ConvMAE`` or a ``ConvMAEBackbone`` (e.g. a fine-tuned classifier); for a
-    backbone, ``config.json`` also records ``architecture: backbone``, its head size and its
-    pooling, so that ``load_pretrained`` rebuilds the same module.
-    """
-    from .backbone import ConvMAEBackbone  # backbone.py imports this module
-
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": model.config.to_dict()}
-    if isinstance(model, ConvMAEBackbone):
-        meta.update(architecture=BACKBONE, num_classes=model.num_classes, global_pool=model.global_pool)
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    return out
-
-
-def _read_meta(path: str | os.PathLike) -> dict[str, Any]:
+def read_pretrained_meta(path: str | os.PathLike) -> dict[str, Any]:
     meta = json.loads((Path(path) / CONFIG_FILE).read_text())
     if meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} is not a ConvMAE pretrained directory (format={meta.get('format')!r})")
@@ -324,30 +304,4 @@ def _read_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_pretrained_config(path: str | os.PathLike) -> ConvMAEConfig:
-    return ConvMAEConfig.from_dict(_read_meta(path)["config"])
-
-
-def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the module saved by ``save_pretrained`` (no pickle involved): a ``ConvMAE``, or a
-    ``ConvMAEBackbone`` when the directory holds one (``architecture: backbone``)."""
-    meta = _read_meta(path)
-    cfg = ConvMAEConfig.from_dict(meta["config"])
-    architecture = meta.get("architecture", PRETRAIN)
-    if architecture == BACKBONE:
-        from .backbone import ConvMAEBackbone
-
-        model: nn.Module = ConvMAEBackbone(
-            cfg, num_classes=int(meta.get("num_classes", 0)), global_pool=bool(meta.get("global_pool", True))
-        )
-    elif architecture == PRETRAIN:
-        model = ConvMAE(cfg)
-    else:
-        raise ValueError(f"{path}: unknown architecture {architecture!r} (expected {PRETRAIN!r} or {BACKBONE!r})")
-    state = load_file(str(Path(path) / WEIGHTS_FILE), device="cpu")
-    diff = compare_keys(model.state_dict(), state)
-    if not diff.ok:
-        raise CheckpointMismatchError(
-            f"weights in {path} do not match its config.json", diff.missing, diff.unexpected, diff.mismatched
-        )
-    model.load_state_dict(state, strict=True)
-    return model.to(map_location)
+    return ConvMAEConfig.from_dict(read_pretrained_meta(path)["config"])

@@ -1,0 +1,73 @@
+"""Our own model format: a directory with ``config.json`` and ``model.safetensors``.
+
+Nothing is unpickled on load: the config is JSON, the weights safetensors. A directory holds a
+pretraining ``ConvMAE`` or a ``ConvMAEBackbone`` (e.g. a fine-tuned classifier).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .backbone import ConvMAEBackbone
+from .checkpoint import (
+    BACKBONE,
+    CONFIG_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PRETRAIN,
+    WEIGHTS_FILE,
+    CheckpointMismatchError,
+    compare_keys,
+    read_pretrained_meta,
+)
+from .configs import ConvMAEConfig
+from .model import ConvMAE
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into the directory ``path``.
+
+    ``model`` is a ``ConvMAE`` or a ``ConvMAEBackbone`` (e.g. a fine-tuned classifier); for a
+    backbone, ``config.json`` also records ``architecture: backbone``, its head size and its
+    pooling, so that ``load_pretrained`` rebuilds the same module.
+    """
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": model.config.to_dict()}
+    if isinstance(model, ConvMAEBackbone):
+        meta.update(architecture=BACKBONE, num_classes=model.num_classes, global_pool=model.global_pool)
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    return out
+
+
+def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the module saved by ``save_pretrained`` (no pickle involved): a ``ConvMAE``, or a
+    ``ConvMAEBackbone`` when the directory holds one (``architecture: backbone``)."""
+    meta = read_pretrained_meta(path)
+    cfg = ConvMAEConfig.from_dict(meta["config"])
+    architecture = meta.get("architecture", PRETRAIN)
+    if architecture == BACKBONE:
+        model: nn.Module = ConvMAEBackbone(
+            cfg, num_classes=int(meta.get("num_classes", 0)), global_pool=bool(meta.get("global_pool", True))
+        )
+    elif architecture == PRETRAIN:
+        model = ConvMAE(cfg)
+    else:
+        raise ValueError(f"{path}: unknown architecture {architecture!r} (expected {PRETRAIN!r} or {BACKBONE!r})")
+    state = load_file(str(Path(path) / WEIGHTS_FILE), device="cpu")
+    diff = compare_keys(model.state_dict(), state)
+    if not diff.ok:
+        raise CheckpointMismatchError(
+            f"weights in {path} do not match its config.json", diff.missing, diff.unexpected, diff.mismatched
+        )
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location)
