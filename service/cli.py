@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from service.config import ConfigError, dump_yaml, flatten, load_config, parse_cli_overrides
@@ -20,30 +20,43 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def overrides_help(config_cls: type) -> str:
+def overrides_help(config_cls: type, aliases: Mapping[str, str] | None = None) -> str:
     keys = flatten(config_cls())
     lines = [f"  --{k} {v!r}" for k, v in keys.items()]
-    return "config keys (override any with --KEY VALUE; defaults shown):\n" + "\n".join(lines)
+    text = "config keys (override any with --KEY VALUE; defaults shown):\n" + "\n".join(lines)
+    if aliases:
+        text += "\n\nshort forms:\n" + "\n".join(f"  --{a.replace('_', '-')} VALUE  =  --{k} VALUE"
+                                                  for a, k in aliases.items())
+    return text
 
 
-def build_parser(prog: str, description: str, config_cls: type, example: str) -> argparse.ArgumentParser:
+def build_parser(prog: str, description: str, config_cls: type, example: str, *,
+                 positionals: Sequence[str] = (), aliases: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """``--config FILE``, ``--print-config``, the config's keys as dotted flags, and
+    ``positionals``: config keys that may also be given in order as plain arguments."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"{overrides_help(config_cls)}\n\nexample:\n  {example}",
+        epilog=f"{overrides_help(config_cls, aliases)}\n\nexample:\n  {example}",
     )
+    for key in positionals:
+        parser.add_argument(key, metavar=key.upper(), nargs="?", help=f"the same as --{key}")
     parser.add_argument("--config", help="YAML config file (see jobs/configs/); flags override it")
     parser.add_argument("--print-config", action="store_true",
-                        help="validate and print the resolved config, then exit without training")
+                        help="validate and print the resolved config, then exit without running")
     return parser
 
 
-def parse_config(parser: argparse.ArgumentParser, config_cls: type[C], argv: Sequence[str] | None) -> tuple[argparse.Namespace, C]:
+def parse_config(parser: argparse.ArgumentParser, config_cls: type[C], argv: Sequence[str] | None, *,
+                 positionals: Sequence[str] = (), aliases: Mapping[str, str] | None = None,
+                 ) -> tuple[argparse.Namespace, C]:
     """Parses the job's own flags and the dotted overrides; exits with status 2 on a bad config."""
     args, rest = parser.parse_known_args(argv)
     try:
-        config = load_config(config_cls, args.config, parse_cli_overrides(rest))
+        overrides = {(aliases or {}).get(k, k): v for k, v in parse_cli_overrides(rest).items()}
+        overrides.update({key: getattr(args, key) for key in positionals if getattr(args, key) is not None})
+        config = load_config(config_cls, args.config, overrides)
     except ConfigError as exc:
         parser.exit(2, f"{parser.prog}: error: invalid config: {exc}\n")
     if args.print_config:
@@ -64,12 +77,15 @@ def run_job(
     run: Callable[[C], R],
     report: Callable[[R, C], int],
     argv: Sequence[str] | None = None,
+    *,
+    positionals: Sequence[str] = (),
+    aliases: Mapping[str, str] | None = None,
 ) -> int:
     """What every job does: parse and validate its config (exit 2 on a bad one), run, and print
     the result; bad input found while running (a missing bucket, an unloadable model) also
     exits 2 with one line naming it, instead of a traceback."""
-    parser = build_parser(prog, description, config_cls, example)
-    _, config = parse_config(parser, config_cls, argv)
+    parser = build_parser(prog, description, config_cls, example, positionals=positionals, aliases=aliases)
+    _, config = parse_config(parser, config_cls, argv, positionals=positionals, aliases=aliases)
     setup_logging()
     from service.job_errors import USER_ERRORS
 

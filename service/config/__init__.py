@@ -10,6 +10,7 @@ from service.config.jobs import (
     DEFAULT_MODEL,
     EvaluateConfig,
     FinetuneConfig,
+    PrepareDataConfig,
     PretrainConfig,
     ReconstructConfig,
     TrainingJobConfig,
@@ -47,7 +48,7 @@ from service.config.sweep import SweepConfig, TuneJobConfig
 __all__ = [
     "DEFAULT_MODEL", "PRECISIONS", "ZERO_STAGES", "CheckpointConfig", "ConfigError", "DataConfig",
     "DistributedConfig", "EvaluateConfig", "FinetuneConfig", "FinetuneTrainConfig", "MLflowConfig",
-    "ModelConfig", "OptimConfig", "PretrainConfig", "ReconstructConfig", "StorageConfig", "SweepConfig",
+    "ModelConfig", "OptimConfig", "PrepareDataConfig", "PretrainConfig", "ReconstructConfig", "StorageConfig", "SweepConfig",
     "TrainConfig", "TrainingJobConfig", "TuneJobConfig", "check", "dump_yaml", "flatten", "from_dict",
     "load_config", "parse_cli_overrides", "set_dotted", "to_dict", "validate_finetune",
     "validate_model_source_keys", "validate_pretrain", "with_overrides",

@@ -9,10 +9,11 @@ is allowed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.config.schema import check
+from service.config.schema import ConfigError, check
 from service.config.sections import (
     PRECISIONS,
     ZERO_STAGES,
@@ -152,6 +153,45 @@ class ReconstructConfig:
         check(self.split in RECONSTRUCT_SPLITS, "split", self.split, f"one of {', '.join(RECONSTRUCT_SPLITS)}")
         validate_storage(self.storage)
         return self
+
+
+@dataclass(frozen=True)
+class PrepareDataConfig:
+    src: str = ""  # an image folder (class/xxx.jpg: labeled, or flat) or one archive, any fsspec URL
+    dest: str = ""  # where the shards and manifest.json go (s3://bucket/prefix, a path...)
+    shard_size: str = "256MB"  # target shard size: 256MB, 1.5GB, 64KB or a number of bytes
+    samples_per_shard: int | None = None  # also close a shard after this many images
+    shuffle_seed: int | None = 0  # order in which images are written; null keeps the source order
+    overwrite: bool = False  # replace a data set already at dest instead of resuming
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.shard_size)
+
+    def validate(self) -> PrepareDataConfig:
+        check(bool(self.src), "src", self.src, "an image folder or archive (path or URL)")
+        check(bool(self.dest), "dest", self.dest, "a destination path or URL")
+        try:
+            check(self.shard_bytes > 0, "shard_size", self.shard_size, "> 0")
+        except ValueError as exc:
+            raise ConfigError(f"shard_size={self.shard_size!r} is not allowed: {exc}") from None
+        check(self.samples_per_shard is None or self.samples_per_shard >= 1, "samples_per_shard",
+              self.samples_per_shard, ">= 1 or null")
+        validate_storage(self.storage)
+        return self
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
+               "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``256MB`` -> 268435456. Units are powers of 1024 (KB = KiB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError("use e.g. 256MB, 1.5GB, 64KB or a number of bytes")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
 # ---------------------------------------------------------------- validation

@@ -1,12 +1,12 @@
 """Evaluate a model on a labeled data set: k-NN top-1, linear-probe top-1, reconstruction loss.
 
-The driver of ``jobs/evaluate.py``. It loads the model (``service.model_source``), extracts
+The driver of ``jobs/evaluate.py``. It loads the model (``service.models.source``), extracts
 the encoder's pooled features of the training split (the k-NN bank and the probe's training
 set) and of the validation split, and scores:
 
 - ``eval/knn_top1``: weighted k-NN on cosine similarity (``service.evaluation.metrics.knn_top1``);
 - ``eval/linear_probe_top1``: a deterministic logistic-regression probe on standardised
-  features (``service.linear_probe``);
+  features (``service.evaluation.linear_probe``);
 - ``eval/recon_loss``: the MAE loss on the validation split at one fixed mask ratio with
   fixed, seeded masks (pretraining models only; a fine-tuned backbone has no decoder).
 
@@ -29,7 +29,7 @@ import torch
 
 from service.config import ConfigError, EvaluateConfig
 
-log = logging.getLogger("convmae.evaluate")
+log = logging.getLogger(__name__)
 
 
 

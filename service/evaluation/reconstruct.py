@@ -3,7 +3,7 @@
 Takes the first ``images`` images of a data set split (or image files / URLs given in
 ``inputs``), masks them with seeded masks at ``mask_ratio`` and writes one PNG: a row per
 image with original | masked | reconstruction | reconstruction with the visible patches pasted
-(``service.visualize``, the pretraining loop's own code path; ``norm_pix_loss`` outputs are
+(``service.evaluation.visualize``, the pretraining loop's own code path; ``norm_pix_loss`` outputs are
 mapped back to pixels).
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from service.config import ConfigError, ReconstructConfig
 
-log = logging.getLogger("convmae.reconstruct")
+log = logging.getLogger(__name__)
 
 @dataclass
 class ReconstructResult:

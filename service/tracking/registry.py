@@ -144,7 +144,7 @@ def download_model_dir(uri: str, dest: str | Path | None = None, *, tracking_uri
 def load_model(uri: str, *, tracking_uri: str | None = None):
     """A ``convmae`` model from ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/``, or a
     local ``save_pretrained`` folder: a ``ConvMAE`` for pretrained models, a ``ConvMAEBackbone``
-    with its head for fine-tuned classifiers. (``service.model_source`` takes more kinds of
+    with its head for fine-tuned classifiers. (``service.models.source`` takes more kinds of
     source and also finds the producing run.)"""
     from convmae import load_pretrained
 

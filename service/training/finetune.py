@@ -3,7 +3,7 @@
 End-to-end classification fine-tuning as in the paper (ConvMAE ``FINETUNE.md``): the encoder
 plus a fresh linear head on the pooled tokens, AdamW with layer-wise lr decay, drop path,
 Mixup/CutMix and label smoothing, linear warmup then cosine decay. It runs like pretraining:
-Ray Train ``TorchTrainer`` workers (``service.finetune_loop``) with a DeepSpeed ZeRO engine,
+Ray Train ``TorchTrainer`` workers (``service.training.finetune_worker``) with a DeepSpeed ZeRO engine,
 checkpoints through ``ray.train.report`` (resumable), an MLflow run with params and metrics,
 and at the end the consolidated classifier is logged and registered (``models:/`` loads it as
 a ``ConvMAEBackbone`` with its head).
@@ -22,7 +22,7 @@ from typing import Any
 from service.config import ConfigError, FinetuneConfig, to_dict
 from service.tracking import resolve_tracking_uri
 
-log = logging.getLogger("convmae.finetune")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from service.training.loop import (
 )
 from service.training.mixup import MixSettings, mix_batch, soft_target_cross_entropy
 
-log = logging.getLogger("convmae.finetune")
+log = logging.getLogger(__name__)
 
 START_TOP1 = "val/top1_start"  # accuracy of the classifier before any step (kept across resumes)
 

@@ -24,7 +24,7 @@ from service.runtime.cluster import (
 from service.tracking import Tracker, open_run, resolve_tracking_uri
 from service.tracking.registry import git_commit
 
-log = logging.getLogger("convmae.launch")
+log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "convmae.run_name"
 STORAGE_TAG = "convmae.storage_path"

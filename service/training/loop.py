@@ -31,7 +31,7 @@ from service.training import checkpoints
 from service.training.checkpoints import TrainState
 from service.training.progress import ProgressMeter
 
-log = logging.getLogger("convmae.train")
+log = logging.getLogger(__name__)
 
 # Chaos testing: kill one worker once, at a given optimizer step, to exercise fault tolerance.
 # The marker file makes it happen once per run (the replacement worker must not die again).
@@ -42,7 +42,10 @@ EPOCH_METRICS = "epoch_metrics"
 
 
 def configure_worker_logging() -> None:
-    """One handler for the ``convmae`` and ``service`` loggers in a Ray worker process."""
+    """One handler for the ``convmae`` and ``service`` loggers in a Ray worker process.
+
+    Every module logs under its own name (``logging.getLogger(__name__)``), so these two roots
+    cover the model package and the service."""
     if not logging.getLogger("convmae").handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))

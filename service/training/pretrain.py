@@ -16,7 +16,7 @@ from typing import Any
 from service.config import PretrainConfig, to_dict
 from service.training.launch import absolute_url, fit_workers, open_launch
 
-log = logging.getLogger("convmae.pretrain")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from service.training.loop import (
     start_session,
 )
 
-log = logging.getLogger("convmae.train")
+log = logging.getLogger(__name__)
 
 RECON_IMAGES = 8  # rows of the reconstruction grid logged at epoch ends
 

@@ -15,7 +15,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from service.config import StorageConfig, from_dict
 
-log = logging.getLogger("convmae.tune")
+log = logging.getLogger(__name__)
 
 TIME_ATTR = "epochs_completed"  # reported by every epoch-end checkpoint of the training loop
 

@@ -36,7 +36,7 @@ from service.tracking import Tracker, find_run_id, open_run
 from service.tune.asha import TIME_ATTR, ResumableASHA
 from service.tune.space import concurrent_trials, param_space, resolve_objective, trial_resources
 
-log = logging.getLogger("convmae.tune")
+log = logging.getLogger(__name__)
 
 SWEEP_TAG = "convmae.sweep_name"
 SWEEP_STORAGE_TAG = "convmae.sweep_storage"
