@@ -263,6 +263,7 @@ def validate_optimization(t: OptimConfig) -> None:
     check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1 or null")
     check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
     check(t.val_every_epochs >= 1, "train.val_every_epochs", t.val_every_epochs, ">= 1")
+    check(t.profile_steps >= 0, "train.profile_steps", t.profile_steps, ">= 0 (0: no trace)")
 
 
 def validate_run(cfg: TrainingJobConfig) -> None:

@@ -64,6 +64,7 @@ class OptimConfig:
     max_steps: int | None = None  # stop early after this many optimizer steps (tests, smoke runs)
     log_every_steps: int = 10
     val_every_epochs: int = 1
+    profile_steps: int = 0  # rank 0 writes a torch.profiler trace of this many steps (an MLflow artifact)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class DistributedConfig:
     gpus_per_worker: float = 1.0
     zero_stage: int = 2
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    compile: bool | None = None  # torch.compile the model; None: on with GPUs (CPU compiles take minutes)
     offload_optimizer: bool = False
     max_failures: int = 0
     ray_address: str | None = None  # None: connect to RAY_ADDRESS or start a local cluster

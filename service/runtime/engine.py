@@ -74,13 +74,18 @@ class Engine:
 
     @classmethod
     def build(cls, model: torch.nn.Module, cfg: TrainingJobConfig, *, use_gpu: bool, precision: str, lr: float,
-              groups: list[dict[str, Any]] | None = None) -> Engine:
+              groups: list[dict[str, Any]] | None = None, compile_model: bool = False) -> Engine:
         """An engine over ``model``; the process group is the one Ray Train set up.
 
         ``groups``: the optimizer's parameter groups (default ``param_groups``); fine-tuning
-        passes ``layer_decay_param_groups``.
+        passes ``layer_decay_param_groups``. ``compile_model``: ``torch.compile`` the model's
+        forward in place (``nn.Module.compile``), so parameter and state-dict names, and so
+        checkpoints, stay those of the eager model.
         """
         import deepspeed
+
+        if compile_model:
+            model.compile()
 
         ds_config = deepspeed_config(cfg, use_gpu=use_gpu, precision=precision, lr=lr)
         if not torch.distributed.is_initialized():
@@ -111,6 +116,11 @@ class Engine:
         """Every group's lr: ``lr`` times its ``lr_scale`` (layer-wise decay; 1 when absent)."""
         for group in self.ds_engine.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def grad_norm(self) -> float | None:
+        """The global gradient 2-norm of the last optimizer step, if the engine computed one."""
+        norm = self.ds_engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
 
     def backward_and_step(self, loss: torch.Tensor) -> bool:
         """Backward and (at a gradient-accumulation boundary) an optimizer step; True at a boundary."""

@@ -33,6 +33,7 @@ STORAGE_TAG = "convmae.storage_path"
 class Launch:
     use_gpu: bool
     precision: str  # resolved: bf16 / fp16 / fp32
+    compile_model: bool  # resolved dist.compile
     storage_path: str  # for Ray's RunConfig (a local path, or a path inside storage_fs)
     storage_fs: Any  # pyarrow filesystem for object storage, None for local paths
     storage_label: str  # checkpoint.storage_path/run_name, as users wrote it
@@ -49,6 +50,7 @@ class Launch:
             "config": to_dict(cfg),
             "use_gpu": self.use_gpu,
             "precision": self.precision,
+            "compile": self.compile_model,
             "lr": cfg.learning_rate,
             "train_url": train_url,
             "val_url": val_url,
@@ -65,6 +67,7 @@ def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | 
     connect_ray(cfg.dist.ray_address)
     use_gpu = resolve_use_gpu(cfg)
     precision = resolve_precision(cfg, use_gpu)
+    compile_model = cfg.dist.compile if cfg.dist.compile is not None else use_gpu
     storage_path, storage_fs = storage_location(cfg.checkpoint.storage_path, cfg.storage)
     storage_label = cfg.checkpoint.storage_path.rstrip("/") + "/" + cfg.run_name
     if not cfg.checkpoint.resume:
@@ -77,8 +80,8 @@ def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | 
     tracker.log_params(flatten(cfg))
     tracker.log_dict(to_dict(cfg), "config.json")
     tracker.set_tags({"data.train_url": train_url, "git_commit": git_commit(), "precision": precision,
-                      "use_gpu": use_gpu, **(tags or {})})
-    return Launch(use_gpu, precision, storage_path, storage_fs, storage_label, tracking_uri, tracker)
+                      "use_gpu": use_gpu, "compile": compile_model, **(tags or {})})
+    return Launch(use_gpu, precision, compile_model, storage_path, storage_fs, storage_label, tracking_uri, tracker)
 
 
 def run_identity(run_name: str, storage_label: str) -> dict[str, str]:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def start_session(model: torch.nn.Module, cfg: TrainingJobConfig, loop_config: M
     state of the checkpoint Ray Train hands this worker, and rank 0's tracker."""
     lr = loop_config["lr"]
     engine = Engine.build(model, cfg, use_gpu=loop_config["use_gpu"], precision=loop_config["precision"],
-                          lr=lr, groups=groups)
+                          lr=lr, groups=groups, compile_model=loop_config.get("compile", False))
     state = checkpoints.restore(engine, ctx.rank) or TrainState()
     if state.extra.get(EPOCH_METRICS):
         # A run resumed after its last epoch-end report may never have had that report seen
@@ -169,10 +170,11 @@ def run_epochs(
                                          "step": state.optimizer_step, "epoch": state.epoch}, ctx.rank)
         last_saved_step = state.optimizer_step
 
+    profiler = _StepProfiler(t.profile_steps if session.is_chief else 0, tracker)
     while state.epoch < t.epochs and state.optimizer_step < total_steps:
         loader = loader_for(state.epoch, state.loader_state)
         epoch_finished = True
-        for batch in loader:
+        for batch in _timed(loader, meter):
             if state.micro_in_epoch >= micro_limit:
                 break
             lr = lr_at(state.optimizer_step, base_lr=session.lr, min_lr=t.min_lr,
@@ -190,6 +192,7 @@ def run_epochs(
             state.optimizer_step += 1
             meter.update(0, steps=1)
             state.loader_state = loader.state_dict()
+            profiler.step()
             if state.optimizer_step % t.log_every_steps == 0 or state.optimizer_step == total_steps:
                 _log_progress(session, window, meter, lr, loader, t.epochs)
             _maybe_inject_fault(state.optimizer_step, ctx.rank)
@@ -213,9 +216,22 @@ def run_epochs(
         state.extra[EPOCH_METRICS] = epoch_metrics  # reported again on resume (see start_session)
         save(epoch_metrics)
 
+    profiler.finish()
     if last_saved_step != state.optimizer_step:
         save({})
     tracker.close()
+
+
+def _timed(loader: Any, meter: ProgressMeter) -> Iterator[dict[str, Any]]:
+    """The loader's batches, with the time spent waiting for each booked on ``meter``."""
+    batches = iter(loader)
+    while True:
+        start = time.perf_counter()
+        batch = next(batches, None)
+        meter.waited(time.perf_counter() - start)
+        if batch is None:
+            return
+        yield batch
 
 
 class _LossWindow:
@@ -252,10 +268,13 @@ def _log_progress(session: WorkerSession, window: _LossWindow, meter: ProgressMe
         return
     log.info(meter.line(epoch=state.epoch, epochs=epochs, step=state.optimizer_step, loss=mean_loss,
                         lr=lr, figures=figures))
+    grad_norm = session.engine.grad_norm()
     session.tracker.log_metrics(
         {"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": figures["images_per_s"],
-         "train/step_time_s": figures["step_time_s"], "train/epoch": state.epoch,
-         "data/corrupt_samples": loader.corrupt_samples, **_memory_metrics(session.ctx.device)},
+         "train/step_time_s": figures["step_time_s"], "train/data_wait_frac": figures["data_wait_frac"],
+         "train/epoch": state.epoch, "data/corrupt_samples": loader.corrupt_samples,
+         **({"train/grad_norm": grad_norm} if grad_norm is not None else {}),
+         **_memory_metrics(session.ctx.device)},
         step=state.optimizer_step,
     )
 
@@ -264,6 +283,7 @@ def _memory_metrics(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {
             "system/gpu_mem_allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
+            "system/gpu_mem_reserved_gb": torch.cuda.memory_reserved(device) / 2**30,
             "system/gpu_mem_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30,
         }
     try:
@@ -272,6 +292,40 @@ def _memory_metrics(device: torch.device) -> dict[str, float]:
         return {"system/process_rss_gb": psutil.Process().memory_info().rss / 2**30}
     except ImportError:
         return {}
+
+
+class _StepProfiler:
+    """A torch.profiler trace of ``steps`` optimizer steps (after one warm-up step), logged to
+    MLflow as ``profile/trace.json`` (Chrome trace format: chrome://tracing, Perfetto)."""
+
+    def __init__(self, steps: int, tracker: Tracker) -> None:
+        self._steps, self._left, self._tracker, self._profile, self._warmup = steps, steps, tracker, None, steps > 0
+
+    def step(self) -> None:
+        if self._left <= 0:
+            return
+        if self._warmup:  # the first step pays one-off costs (allocations, compilation)
+            self._warmup = False
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._profile = torch.profiler.profile(activities=activities, record_shapes=True)
+            self._profile.__enter__()
+            return
+        self._left -= 1
+        if self._left == 0:
+            self.finish()
+
+    def finish(self) -> None:
+        if self._profile is None:
+            return
+        profile, self._profile = self._profile, None
+        profile.__exit__(None, None, None)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "trace.json"
+            profile.export_chrome_trace(str(path))
+            self._tracker.log_artifact(path, "profile")
+        log.info("profiled %d step(s): MLflow artifact profile/trace.json", self._steps - self._left)
 
 
 def _maybe_inject_fault(step: int, rank: int) -> None:

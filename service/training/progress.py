@@ -23,10 +23,15 @@ class ProgressMeter:
     _window_t: float = field(default_factory=time.perf_counter)
     _window_images: int = 0
     _window_steps: int = 0
+    _window_wait: float = 0.0
 
     def update(self, images: int, steps: int = 1) -> None:
         self._window_images += images
         self._window_steps += steps
+
+    def waited(self, seconds: float) -> None:
+        """Time the loop spent waiting for the loader's next batch."""
+        self._window_wait += seconds
 
     def flush(self, step: int) -> dict[str, float]:
         """Figures for the window since the last flush; resets the window."""
@@ -38,8 +43,9 @@ class ProgressMeter:
             "images_per_s": self._window_images / elapsed,
             "step_time_s": elapsed / max(self._window_steps, 1),
             "eta_s": pace * max(self.total_steps - step, 0),
+            "data_wait_frac": min(1.0, self._window_wait / elapsed),
         }
-        self._window_t, self._window_images, self._window_steps = now, 0, 0
+        self._window_t, self._window_images, self._window_steps, self._window_wait = now, 0, 0, 0.0
         return figures
 
     def line(self, *, epoch: int, epochs: int, step: int, loss: float, lr: float, figures: dict[str, float]) -> str:

@@ -64,7 +64,8 @@ def test_s3_data_and_checkpoints_survive_a_worker_failure_and_register_the_model
         tmp_path, digits_dir,
         **{"run_name": "s3-run", "data.url": f"{s3_bucket}/digits/train", "data.val_url": f"{s3_bucket}/digits/val",
            "train.max_steps": 10, "checkpoint.storage_path": f"{s3_bucket}/runs", "checkpoint.keep_last": 2,
-           "dist.max_failures": 1, "mlflow.tracking_uri": mlflow_server, "mlflow.registered_model_name": "e2e-tiny"},
+           "dist.max_failures": 1, "mlflow.tracking_uri": mlflow_server, "mlflow.registered_model_name": "e2e-tiny",
+           "train.profile_steps": 2},
     )
     result = run_pretraining(cfg)
 
@@ -83,6 +84,10 @@ def test_s3_data_and_checkpoints_survive_a_worker_failure_and_register_the_model
     run = client.get_run(result.mlflow_run_id)
     assert run.data.params["dist.zero_stage"] == "2" and run.data.params["model.name"] == "convmae_tiny"
     assert "deepspeed_config.json" in [a.path for a in client.list_artifacts(result.mlflow_run_id)]
+    # Per log window: where step time goes, and the gradient norm.
+    assert 0.0 <= run.data.metrics["train/data_wait_frac"] <= 1.0
+    assert run.data.metrics["train/grad_norm"] > 0
+    assert [a.path for a in client.list_artifacts(result.mlflow_run_id, "profile")] == ["profile/trace.json"]
     version = client.get_model_version("e2e-tiny", "1")
     assert version.tags["data"] == cfg.data.url and version.tags["preset"] == "convmae_tiny"
 
