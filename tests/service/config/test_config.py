@@ -72,7 +72,7 @@ def test_cpu_training_refuses_half_precision():
 def test_shipped_presets_load(tmp_path):
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+    root = Path(__file__).resolve().parents[3] / "jobs" / "configs"
     presets = sorted(root.glob("*.yaml"))
     assert presets, "no presets shipped"
     from service.config import FinetuneConfig, TuneJobConfig
