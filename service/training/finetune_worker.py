@@ -23,6 +23,7 @@ from service.training.loop import (
     plan_schedule,
     run_epochs,
     start_session,
+    step_seed,
 )
 from service.training.mixup import MixSettings, mix_batch, soft_target_cross_entropy
 
@@ -33,7 +34,7 @@ START_TOP1 = "val/top1_start"  # accuracy of the classifier before any step (kep
 
 def _mix_rng(seed: int, rank: int, micro_step: int) -> random.Random:
     """Mixing draws are a pure function of (seed, rank, step): resumed runs mix identically."""
-    return random.Random((seed * 1_000_003 + rank * 7_919 + micro_step) % (2**63))
+    return random.Random(step_seed(seed, rank, micro_step))
 
 
 def finetune_worker(loop_config: dict[str, Any]) -> None:

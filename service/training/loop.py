@@ -57,6 +57,12 @@ def configure_worker_logging() -> None:
             logger.propagate = False  # Ray's worker log capture would print each line twice
 
 
+def step_seed(seed: int, rank: int, micro_step: int) -> int:
+    """The seed of a micro-batch's random draws (masks, mixing): a pure function of (seed, rank,
+    step), so a resumed run draws exactly what the uninterrupted one would have."""
+    return (seed * 1_000_003 + rank * 7_919 + micro_step) % (2**63)
+
+
 @dataclass
 class WorkerSession:
     """What a training worker holds after start-up (pretraining and fine-tuning alike)."""

@@ -17,6 +17,7 @@ from service.training.loop import (
     plan_schedule,
     run_epochs,
     start_session,
+    step_seed,
 )
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ RECON_IMAGES = 8  # rows of the reconstruction grid logged at epoch ends
 
 def mask_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
     """Masks are a pure function of (seed, rank, step): resumed runs draw the same masks."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + rank * 7_919 + micro_step) % (2**63))
+    return torch.Generator().manual_seed(step_seed(seed, rank, micro_step))
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
