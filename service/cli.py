@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from service.config import ConfigError, dump_yaml, flatten, load_config, parse_cli_overrides
+from service.config.locations import resolve_locations
 
 C = TypeVar("C")
 R = TypeVar("R")
@@ -56,7 +57,7 @@ def parse_config(parser: argparse.ArgumentParser, config_cls: type[C], argv: Seq
     try:
         overrides = {(aliases or {}).get(k, k): v for k, v in parse_cli_overrides(rest).items()}
         overrides.update({key: getattr(args, key) for key in positionals if getattr(args, key) is not None})
-        config = load_config(config_cls, args.config, overrides)
+        config = resolve_locations(load_config(config_cls, args.config, overrides))
     except ConfigError as exc:
         parser.exit(2, f"{parser.prog}: error: invalid config: {exc}\n")
     if args.print_config:

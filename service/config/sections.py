@@ -18,12 +18,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    """How to reach object storage; one section serves data, checkpoints, models and sweeps.
+    """Where outputs live and how to reach object storage; one section serves data, checkpoints,
+    models and sweeps (``service.config.locations``).
 
     Credentials are never config: they come from the standard AWS_* environment variables or
     botocore's chain (profile files, instance or pod roles), so no secret is logged with it.
     """
 
+    # Persistent root of every relative output location (runs, sweeps, the MLflow store, the
+    # embedded data): a path or s3:// URL. Empty: CONVMAE_HOME, else the working directory.
+    root: str = ""
     endpoint_url: str | None = None  # None: AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (MinIO...)
     region: str | None = None  # None: AWS_REGION, else AWS_DEFAULT_REGION
     anon: bool = False  # read public buckets without credentials
