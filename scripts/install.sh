@@ -26,3 +26,10 @@ if ! "$PY" -c "import deepspeed" 2>/dev/null; then
   "$PY" -m pip install --no-build-isolation "deepspeed>=0.16"
 fi
 "$PY" -m pip install -e ".${extra}"
+# CPU machines: DeepSpeed JIT-builds its shared-memory collectives op the first time a worker
+# starts (tens of seconds); build it into the user's extension cache now instead. Only a speed-up:
+# a failure here leaves the build to the first run.
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  "$PY" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 \
+    || echo "note: DeepSpeed's shm comm op was not prebuilt; the first training run builds it"
+fi
