@@ -202,7 +202,9 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
 
     m, t = cfg.model, cfg.train
     check(m.name in PRESETS, "model.name", m.name, f"one of {', '.join(sorted(PRESETS))}")
-    check(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "0 <= mask_ratio < 1")
+    # At 0 every patch is visible and nothing is left to reconstruct: the loss is 0 from the
+    # first step and the run learns nothing.
+    check(0.0 < m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "0 < mask_ratio < 1")
     check(0.0 < t.eval_mask_ratio < 1.0, "train.eval_mask_ratio", t.eval_mask_ratio, "0 < ratio < 1")
     if m.name in PRESETS:
         patch = PRESETS[m.name]().patch_size
@@ -283,8 +285,23 @@ def validate_run(cfg: TrainingJobConfig) -> None:
     check(c.every_steps >= 1, "checkpoint.every_steps", c.every_steps, ">= 1")
     check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, ">= 1")
     check(bool(c.storage_path), "checkpoint.storage_path", c.storage_path, "a local path or URL")
-    check(bool(cfg.run_name) and "/" not in cfg.run_name, "run_name", cfg.run_name,
-          "a non-empty name without '/'")
+    check_path_component("run_name", cfg.run_name, RUN_NAME_MAX)
+
+
+# A run's checkpoints live under checkpoint.storage_path/run_name, its sweep's under
+# sweep.storage_path/sweep.name; a sweep's trials are runs named <sweep.name>-<trial id>, so a
+# sweep name leaves room for the trial id.
+RUN_NAME_MAX = 128
+SWEEP_NAME_MAX = RUN_NAME_MAX - 32
+_PATH_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_path_component(key: str, value: str, max_length: int) -> None:
+    """``value`` names one folder under a storage path: a single component that cannot climb
+    out of it ('..'), hide (a leading '.') or need quoting in a URL."""
+    check(bool(_PATH_COMPONENT.fullmatch(value)) and len(value) <= max_length, key, value,
+          f"a single path component of at most {max_length} characters from A-Z a-z 0-9 . _ -, "
+          "starting with a letter or digit")
 
 
 def validate_model_source_keys(cfg: Any) -> None:

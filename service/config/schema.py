@@ -9,6 +9,7 @@ use the same dotted keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -43,7 +44,10 @@ def _is_optional(tp: Any) -> tuple[bool, Any]:
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Converts a YAML or CLI value to the field's type, or raises ConfigError naming it."""
+    """Converts a YAML or CLI value to the field's type, or raises ConfigError naming it.
+
+    Floats must be finite: inf and nan are refused for every float field.
+    """
     optional, inner = _is_optional(tp)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
@@ -68,7 +72,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            # No setting means anything at inf or nan: such a learning rate or weight decay only
+            # turns the loss into nan some steps into a run, long after the cluster started.
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}={number!r} is not allowed: a finite number")
+            return number
         if tp is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
@@ -88,6 +97,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             if len(value) != len(item_types):
                 raise ValueError
             return tuple(_coerce(key, v, t) for v, t in zip(value, item_types))
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}") from None
     raise ConfigError(f"{key}: unsupported field type {tp!r}")
@@ -220,7 +231,7 @@ def load_config(
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = _read_yaml(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
         tree = loaded
@@ -231,6 +242,23 @@ def load_config(
     if callable(validate):
         validate()
     return config
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; a file that is not YAML is a ConfigError naming where."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}"
+                          + (f" ({context})" if context else "")) from None
 
 
 def dump_yaml(config: Any) -> str:

@@ -12,7 +12,12 @@ from typing import Any
 
 import yaml
 
-from service.config.jobs import PretrainConfig, validate_pretrain
+from service.config.jobs import (
+    SWEEP_NAME_MAX,
+    PretrainConfig,
+    check_path_component,
+    validate_pretrain,
+)
 from service.config.schema import ConfigError, check, flatten, with_overrides
 
 SEARCHERS = ("random", "grid", "tpe")
@@ -141,7 +146,7 @@ def validate_sweep(cfg: TuneJobConfig) -> None:
     def check_sweep(ok: bool, key: str, value: Any, allowed: str) -> None:
         check(ok, f"sweep.{key}", value, allowed)
 
-    check_sweep(bool(s.name) and "/" not in s.name, "name", s.name, "a non-empty name without '/'")
+    check_path_component("sweep.name", s.name, SWEEP_NAME_MAX)
     check_sweep(s.searcher in SEARCHERS, "searcher", s.searcher, f"one of {', '.join(SEARCHERS)}")
     check_sweep(s.scheduler in SCHEDULERS, "scheduler", s.scheduler, f"one of {', '.join(SCHEDULERS)}")
     check_sweep(s.objective == "auto" or s.objective in OBJECTIVES, "objective", s.objective,

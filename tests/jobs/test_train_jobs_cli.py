@@ -35,6 +35,8 @@ def test_help_lists_the_keys(job, expected, tmp_path):
     ("pretrain", ["--dist.zero_stage", "4"], "dist.zero_stage=4 is not allowed: one of (0, 1, 2, 3)"),
     ("pretrain", ["--model.name", "convmae_giant"], "model.name='convmae_giant' is not allowed: one of"),
     ("pretrain", ["--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
+    ("pretrain", ["--train.blr", "inf"], "train.blr=inf is not allowed: a finite number"),
+    ("pretrain", ["--run_name", ".."], "run_name='..' is not allowed: a single path component"),
     ("tune", ["--sweep.space.train.blr", "loguniform [0, 1e-3]"], "loguniform needs low > 0"),
     ("tune", ["--sweep.space.model.mask_ratio", "grid [0.5, 1.5]"], "value 1.5 is not allowed"),
     ("tune", ["--sweep.searcher", "grid"], "grid needs grid/choice dimensions only"),
@@ -46,6 +48,18 @@ def test_bad_config_exits_2_before_ray_starts(job, args, message, tmp_path):
     assert message in out.stderr
     assert "Started a local Ray instance" not in out.stderr
     assert not list(tmp_path.iterdir())  # nothing generated, downloaded or written
+
+
+def test_malformed_yaml_exits_2_naming_the_file_and_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("train:\n  epochs: 2\n  blr: [1.5e-4\nmodel:\n  name: convmae_tiny\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    out = run_job("pretrain", "--config", str(config), cwd=work)
+    assert out.returncode == 2, (out.stdout, out.stderr[-2000:])
+    assert out.stderr.strip() == (f"pretrain.py: error: invalid config: config file '{config}' is not valid YAML "
+                                  "at line 4, column 6: expected ',' or ']', but got ':' (while parsing a flow sequence)")
+    assert not list(work.iterdir())
 
 
 def test_print_config_shows_the_resolved_yaml(tmp_path):

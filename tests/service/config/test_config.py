@@ -116,3 +116,64 @@ def test_pretraining_and_fine_tuning_check_their_shared_keys_alike(key, value, f
             load_config(job_config, None, overrides)
     with pytest.raises(ConfigError, match="fp32"):
         load_config(FinetuneConfig, None, {"dist.use_gpu": False, "dist.precision": "bf16"})
+
+
+@pytest.mark.parametrize("ratio", [0, 0.0])
+def test_mask_ratio_zero_leaves_nothing_to_reconstruct(ratio):
+    # At 0 the loss is 0 from the first step: the run would "converge" and register a model
+    # that learned nothing.
+    with pytest.raises(ConfigError, match=r"model.mask_ratio=0.0 is not allowed: 0 < mask_ratio < 1"):
+        load_config(PretrainConfig, None, {"model.mask_ratio": ratio})
+
+
+@pytest.mark.parametrize("key", ["train.blr", "train.lr", "train.min_lr", "train.weight_decay",
+                                 "train.clip_grad", "train.warmup_epochs", "data.min_crop_scale"])
+@pytest.mark.parametrize("raw", ["inf", ".inf", "-.inf", "nan", ".NaN", "1.0e400"])
+def test_float_settings_must_be_finite(key, raw):
+    overrides = parse_cli_overrides([f"--{key}", raw])  # as typed on the command line
+    with pytest.raises(ConfigError, match=rf"^{key}=-?(inf|nan) is not allowed: a finite number$"):
+        load_config(PretrainConfig, None, overrides)
+
+
+def test_non_finite_floats_are_refused_inside_tuples_and_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.betas=inf is not allowed: a finite number"):
+        load_config(PretrainConfig, None, parse_cli_overrides(["--train.betas", "[0.9, .inf]"]))
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  blr: .nan\n")
+    with pytest.raises(ConfigError, match=r"train.blr=nan is not allowed"):
+        load_config(PretrainConfig, path)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "../up", ".hidden", "run name", "run:1", "r\u00e9sum\u00e9",
+                                  "-flag", "x" * 129])
+def test_run_name_is_one_safe_path_component(name):
+    # The run's checkpoints go to checkpoint.storage_path/run_name: '..' would write beside it.
+    with pytest.raises(ConfigError, match=r"run_name=.* is not allowed: a single path component"):
+        load_config(PretrainConfig, None, {"run_name": name})
+
+
+def test_good_run_names_pass_and_sweep_names_follow_the_same_rule():
+    from service.config import TuneJobConfig
+
+    for name in ("convmae-base-in1k-1600ep", "run_2.v3", "A", "x" * 128):
+        assert load_config(PretrainConfig, None, {"run_name": name}).run_name == name
+    with pytest.raises(ConfigError, match=r"sweep.name='\.\.' is not allowed: a single path component"):
+        load_config(TuneJobConfig, None, {"sweep.name": ".."})
+    # Room for the trial id in the trials' run names <sweep.name>-<trial id>.
+    with pytest.raises(ConfigError, match=r"sweep.name=.* at most 96 characters"):
+        load_config(TuneJobConfig, None, {"sweep.name": "s" * 97})
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("train:\n  epochs: 3\n  blr: [1, 2\nmodel:\n  name: x\n", "line 4, column 6"),
+    ("train:\n epochs: 3\n  blr: 2\n", "line 3, column 6: mapping values are not allowed here"),
+    ("run_name: \"open\n", "line 2, column 1"),
+])
+def test_malformed_yaml_names_the_file_and_the_line(tmp_path, text, where):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"config file '{path}' is not valid YAML at {where}"):
+        load_config(PretrainConfig, path)
+    path.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="cannot be read: 'utf-8' codec"):
+        load_config(PretrainConfig, path)

@@ -69,7 +69,7 @@ def test_space_keys_and_values_are_checked_against_the_training_config():
     with pytest.raises(ConfigError, match="'run_name' is not a sweepable"):
         job(**{"sweep.space": {"run_name": "grid [a, b]"}}).validate()
     # mask_ratio must be < 1: the bad grid value is named with the rule it breaks
-    with pytest.raises(ConfigError, match=r"sweep.space.model.mask_ratio: value 1.0 .*0 <= mask_ratio < 1"):
+    with pytest.raises(ConfigError, match=r"sweep.space.model.mask_ratio: value 1.0 .*0 < mask_ratio < 1"):
         job(**{"sweep.space": {"model.mask_ratio": "grid [0.75, 1.0]"}}).validate()
     with pytest.raises(ConfigError, match="sweep.space is empty"):
         job(**{"sweep.space": {}}).validate()
