@@ -296,6 +296,8 @@ def load_official_checkpoint(src: CheckpointSource, model: nn.Module) -> nn.Modu
 
 def read_pretrained_meta(path: str | os.PathLike) -> dict[str, Any]:
     meta = json.loads((Path(path) / CONFIG_FILE).read_text())
+    if not isinstance(meta, dict):
+        raise ValueError(f"{Path(path) / CONFIG_FILE} holds {type(meta).__name__}, not a JSON object")
     if meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} is not a ConvMAE pretrained directory (format={meta.get('format')!r})")
     if meta.get("version") != FORMAT_VERSION:

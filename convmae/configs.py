@@ -30,6 +30,26 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# Sanity limits on a configuration, checked before any weight is allocated: a config.json from
+# elsewhere (a save_pretrained folder, a registry download) could otherwise ask for hundreds of
+# GB before anything notices. Each is well above convmae_huge (dims 768/1024/1280, depths
+# 2/2/31, 16 heads, 744M parameters with its decoder) and far below absurd.
+LIMITS: dict[str, tuple[int, int]] = {
+    "img_size": (1, 4096),
+    "in_chans": (1, 16),
+    "patch_sizes": (1, 32),
+    "embed_dims": (1, 4096),
+    "depths": (1, 64),
+    "num_heads": (1, 128),
+    "decoder_embed_dim": (1, 4096),
+    "decoder_depth": (1, 64),
+    "decoder_num_heads": (1, 128),
+    "dw_kernel_size": (1, 31),
+}
+MAX_MLP_RATIO = 16.0
+# About 5x convmae_huge: 16 GB of fp32 weights, before gradients and optimizer state.
+MAX_PARAMETERS = 4_000_000_000
+
 
 @dataclass(frozen=True)
 class ConvMAEConfig:
@@ -58,10 +78,14 @@ class ConvMAEConfig:
 
     def __post_init__(self) -> None:
         for name in ("patch_sizes", "embed_dims", "depths", "mlp_ratios"):
-            value = tuple(getattr(self, name))
+            raw = getattr(self, name)
+            if not isinstance(raw, (tuple, list)):
+                raise ValueError(f"{name}={raw!r} is not allowed: one entry per stage (3)")
+            value = tuple(raw)
             if len(value) != 3:
                 raise ValueError(f"{name} must have one entry per stage (3), got {value!r}")
             object.__setattr__(self, name, value)
+        self._check_limits()
         object.__setattr__(self, "mlp_ratios", tuple(float(r) for r in self.mlp_ratios))
         if self.img_size % self.patch_size:
             raise ValueError(
@@ -79,6 +103,50 @@ class ConvMAEConfig:
             raise ValueError(f"dw_kernel_size must be odd, got {self.dw_kernel_size}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+    def _check_limits(self) -> None:
+        """Types and ``LIMITS``, then the parameter count: each error names the field."""
+        for name, (low, high) in LIMITS.items():
+            value = getattr(self, name)
+            for key, item in _items(name, value):
+                if isinstance(item, bool) or not isinstance(item, int) or not low <= item <= high:
+                    raise ValueError(f"{key}={item!r} is not allowed: a whole number in {low}..{high}")
+        for key, item in (*_items("mlp_ratios", self.mlp_ratios), ("decoder_mlp_ratio", self.decoder_mlp_ratio)):
+            if (isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item)
+                    or not 0 < item <= MAX_MLP_RATIO):
+                raise ValueError(f"{key}={item!r} is not allowed: a number in (0, {MAX_MLP_RATIO:g}]")
+        if not isinstance(self.drop_path_rate, (int, float)) or isinstance(self.drop_path_rate, bool):
+            raise ValueError(f"drop_path_rate={self.drop_path_rate!r} is not allowed: a number in [0, 1)")
+        count = self.estimated_parameters()
+        if count > MAX_PARAMETERS:
+            raise ValueError(
+                f"a model of about {count / 1e9:.1f}B parameters is not allowed: at most {MAX_PARAMETERS / 1e9:g}B "
+                f"(embed_dims={list(self.embed_dims)}, depths={list(self.depths)}, img_size={self.img_size}, "
+                f"decoder_embed_dim={self.decoder_embed_dim}, decoder_depth={self.decoder_depth})"
+            )
+
+    def estimated_parameters(self) -> int:
+        """Weights of the pretraining model (encoder + decoder, position embeddings included),
+        from the config alone; within a few percent of the built model's count."""
+        c = self.in_chans
+        (c1, c2, c3), (p1, p2, p3), (d1, d2, d3) = self.embed_dims, self.patch_sizes, self.depths
+        r1, r2, r3 = self.mlp_ratios
+        k, dec = self.dw_kernel_size, self.decoder_embed_dim
+        tokens = (self.img_size // max(1, p1 * p2 * p3)) ** 2
+
+        def conv_block(d: int, r: float) -> float:
+            return 2 * d * d + d * k * k + 2 * d * d * r  # pw_in, pw_out, depthwise, MLP
+
+        def transformer_block(d: int, r: float) -> float:
+            return 4 * d * d + 2 * d * d * r  # qkv + proj, MLP
+
+        encoder = (p1 * p1 * c * c1 + p2 * p2 * c1 * c2 + p3 * p3 * c2 * c3 + c3 * c3
+                   + d1 * conv_block(c1, r1) + d2 * conv_block(c2, r2) + d3 * transformer_block(c3, r3)
+                   + tokens * c3)
+        fuse = c1 * c3 * (p2 * p3) ** 2 + c2 * c3 * p3 * p3
+        decoder = (c3 * dec + tokens * dec + self.decoder_depth * transformer_block(dec, self.decoder_mlp_ratio)
+                   + dec * (p1 * p2 * p3) ** 2 * c)
+        return int(encoder + fuse + decoder)
 
     @property
     def patch_size(self) -> int:
@@ -110,6 +178,13 @@ class ConvMAEConfig:
         if unknown:
             raise ValueError(f"unknown ConvMAEConfig fields: {unknown}")
         return dataclasses.replace(self, **overrides)
+
+
+def _items(name: str, value: Any) -> list[tuple[str, Any]]:
+    """(key, value) pairs to check: ``embed_dims[2]`` for the entries of a per-stage tuple."""
+    if isinstance(value, tuple):
+        return [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    return [(name, value)]
 
 
 def _jsonable(value: Any) -> Any:

@@ -30,6 +30,21 @@ from .checkpoint import (
 from .configs import ConvMAEConfig
 from .model import ConvMAE
 
+# A classifier head beyond this is a corrupt config.json, not a data set (ImageNet-22k has 21841).
+MAX_NUM_CLASSES = 100_000
+
+
+def read_config(meta: dict[str, Any], where: str | os.PathLike) -> ConvMAEConfig:
+    """The model config of a ``config.json``, checked against ``convmae.configs.LIMITS`` before
+    anything is built; a ValueError naming ``where`` and the key otherwise."""
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: 'config' is {config!r}, not a mapping of ConvMAEConfig fields")
+    try:
+        return ConvMAEConfig.from_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into the directory ``path``.
@@ -53,12 +68,14 @@ def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
     """Rebuild the module saved by ``save_pretrained`` (no pickle involved): a ``ConvMAE``, or a
     ``ConvMAEBackbone`` when the directory holds one (``architecture: backbone``)."""
     meta = read_pretrained_meta(path)
-    cfg = ConvMAEConfig.from_dict(meta["config"])
+    cfg = read_config(meta, Path(path) / CONFIG_FILE)
     architecture = meta.get("architecture", PRETRAIN)
     if architecture == BACKBONE:
-        model: nn.Module = ConvMAEBackbone(
-            cfg, num_classes=int(meta.get("num_classes", 0)), global_pool=bool(meta.get("global_pool", True))
-        )
+        num_classes = meta.get("num_classes", 0)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 <= num_classes <= MAX_NUM_CLASSES:
+            raise ValueError(f"{Path(path) / CONFIG_FILE}: num_classes={num_classes!r} is not allowed: "
+                             f"a whole number in 0..{MAX_NUM_CLASSES}")
+        model: nn.Module = ConvMAEBackbone(cfg, num_classes=num_classes, global_pool=bool(meta.get("global_pool", True)))
     elif architecture == PRETRAIN:
         model = ConvMAE(cfg)
     else:

@@ -139,7 +139,6 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> ModelSource:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from convmae import load_pretrained
     from service.tracking import resolve_tracking_uri
     from service.tracking.registry import download_model_dir
 
@@ -149,7 +148,7 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> ModelSource:
     try:
         run_id = mlflow_run_id(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), uri)
         with tempfile.TemporaryDirectory(prefix="convmae-model-") as tmp:
-            model = load_pretrained(download_model_dir(uri, tmp, tracking_uri=tracking_uri))
+            model = _load_pretrained(download_model_dir(uri, tmp, tracking_uri=tracking_uri), uri)
     except MlflowException as exc:
         raise ModelSourceError(f"--model {uri!r}: MLflow at {tracking_uri} cannot provide it: "
                                f"{str(exc).splitlines()[0]}") from None
@@ -213,12 +212,24 @@ def _from_path_or_url(uri: str, *, preset: str | None, storage_options: Mapping[
     return from_state_dict(checkpoint, uri=uri, preset=preset)
 
 
+def _load_pretrained(folder: str | Path, uri: str) -> nn.Module:
+    """``convmae.load_pretrained``, whose config.json is checked (sizes within
+    ``convmae.configs.LIMITS``) before any weight is allocated; a bad one is a ModelSourceError."""
+    from convmae import CheckpointMismatchError, load_pretrained
+
+    try:
+        return load_pretrained(folder)
+    except CheckpointMismatchError:
+        raise
+    except ValueError as exc:  # malformed JSON, unknown fields, sizes out of bounds
+        raise ModelSourceError(f"--model {uri!r}: {exc}") from None
+
+
 def _from_folder(folder: Path, uri: str, preset: str | None) -> ModelSource:
-    from convmae import load_pretrained
     from convmae.checkpoint import CONFIG_FILE
 
     if (folder / CONFIG_FILE).exists():
-        return ModelSource(model=load_pretrained(folder), uri=uri, kind="pretrained_dir")
+        return ModelSource(model=_load_pretrained(folder, uri), uri=uri, kind="pretrained_dir")
     if has_engine_state(folder):
         source = from_state_dict(consolidated_state_dict(folder), uri=uri, preset=preset)
         source.kind = "deepspeed"

@@ -157,6 +157,40 @@ def test_config_is_frozen_and_validated():
         convmae.ConvMAEConfig(embed_dims=(32, 48, 66), num_heads=4)
 
 
+@pytest.mark.parametrize("name", sorted(convmae.PRESETS))
+def test_parameter_estimate_is_close_to_the_built_model(name):
+    cfg = convmae.get_config(name)
+    with torch.device("meta"):  # shapes only
+        real = sum(p.numel() for p in convmae.ConvMAE(cfg).parameters())
+    assert abs(cfg.estimated_parameters() - real) <= 0.02 * real
+    assert cfg.estimated_parameters() < convmae.configs.MAX_PARAMETERS / 5 or name == "convmae_huge"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"embed_dims": (256, 384, 100_000)}, r"embed_dims\[2\]=100000 is not allowed: a whole number in 1..4096"),
+    ({"depths": (2, 2, 10_000)}, r"depths\[2\]=10000 is not allowed: a whole number in 1..64"),
+    ({"img_size": 1_000_000}, r"img_size=1000000 is not allowed: a whole number in 1..4096"),
+    ({"num_heads": 0}, r"num_heads=0 is not allowed"),
+    ({"decoder_depth": 5000}, r"decoder_depth=5000 is not allowed"),
+    ({"mlp_ratios": (4.0, 4.0, 1e6)}, r"mlp_ratios\[2\]=1000000.0 is not allowed: a number in \(0, 16\]"),
+    ({"embed_dims": (256, 384, "768")}, r"embed_dims\[2\]='768' is not allowed"),
+    ({"depths": 12}, r"depths=12 is not allowed: one entry per stage"),
+    # Every key within its bound, the whole far beyond any real model.
+    ({"embed_dims": (4096, 4096, 4096), "depths": (64, 64, 64), "mlp_ratios": (16.0, 16.0, 16.0)},
+     r"a model of about \d+\.\dB parameters is not allowed: at most 4B"),
+])
+def test_absurd_sizes_fail_before_anything_is_allocated(overrides, message):
+    # config.json comes from elsewhere (a folder, a registry download): the limits are checked
+    # when the config is built, long before the ~100 GB such a model would take.
+    with pytest.raises(ValueError, match=message):
+        convmae.ConvMAEConfig.from_dict({**convmae.convmae_base().to_dict(), **overrides})
+
+
+def test_the_largest_preset_fits_the_limits_with_room():
+    huge = convmae.convmae_huge()
+    assert huge.replace(img_size=1024, depths=(4, 4, 48)).estimated_parameters() > 1e9  # still allowed
+
+
 def test_build_model_applies_overrides():
     model = convmae.build_model("convmae_tiny", img_size=32, norm_pix_loss=False)
     assert model.config == convmae.convmae_tiny().replace(img_size=32, norm_pix_loss=False)

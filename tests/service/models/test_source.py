@@ -111,6 +111,28 @@ def test_pickled_objects_are_refused_and_bad_sources_are_named(tmp_path):
         infer_config(tiny().state_dict(), preset="convmae_base")
 
 
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda meta: meta["config"].update(embed_dims=[32, 48, 100_000]),
+     r"config.json: embed_dims\[2\]=100000 is not allowed: a whole number in 1..4096"),
+    (lambda meta: meta["config"].update(depths=[1, 1, 100_000], img_size=100_000),
+     r"config.json: img_size=100000 is not allowed"),
+    (lambda meta: meta.update(architecture="backbone", num_classes=10**9),
+     r"config.json: num_classes=1000000000 is not allowed: a whole number in 0..100000"),
+    (lambda meta: meta.update(config=[1, 2]), r"config.json: 'config' is \[1, 2\], not a mapping"),
+])
+def test_a_config_json_with_absurd_sizes_is_refused_before_building(tmp_path, edit, message):
+    import json
+
+    folder = convmae.save_pretrained(tiny(), tmp_path / "m")
+    meta = json.loads((folder / "config.json").read_text())
+    edit(meta)
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelSourceError, match=rf"--model '{folder}': .*{message}"):
+        load_model_source(str(folder))
+    with pytest.raises(ModelSourceError, match="img_size=1000000 is not allowed"):
+        load_model_source("random:convmae_tiny:1000000")
+
+
 def test_save_pretrained_folder_and_random_baselines(tmp_path):
     model = tiny(seed=3, norm_pix_loss=False)
     convmae.save_pretrained(model, tmp_path / "m")
