@@ -7,12 +7,15 @@ logged config or error never shows a secret.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import posixpath
 import random
 import re
 import tarfile
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -158,3 +161,66 @@ def retrying(call: Callable[[], T], *, what: str, max_retries: int,
                         exc, attempt + 1, max_retries, delay)
             sleep(delay)
             attempt += 1
+
+
+# A start-up check gives up fast: a wrong endpoint or a missing bucket should fail a job in
+# seconds, before any cluster work, not after botocore's 60 s connect timeout times its retries.
+PROBE_CONNECT_TIMEOUT_S = 5
+PROBE_READ_TIMEOUT_S = 20
+PROBE_ATTEMPTS = 2
+
+
+def probe_options(options: dict[str, Any] | None) -> StorageOptions:
+    """``options`` with short timeouts and one retry, for checks made before a job starts."""
+    quick = StorageOptions(copy.deepcopy(dict(options or {})))
+    quick["config_kwargs"] = {**quick.get("config_kwargs", {}), "connect_timeout": PROBE_CONNECT_TIMEOUT_S,
+                              "read_timeout": PROBE_READ_TIMEOUT_S,
+                              "retries": {"max_attempts": PROBE_ATTEMPTS, "mode": "standard"}}
+    return quick
+
+
+def check_writable(url: str, options: dict[str, Any] | None = None, *, name: str | None = None) -> None:
+    """Raises DataError unless an object can be written (and is then deleted) under ``url``.
+
+    Local and in-memory folders are created; on object storage nothing is created but the probe
+    object: filesystems like s3fs create a missing *bucket* on ``makedirs``, and a bucket made
+    by a typo is worse than an error. ``name`` is how the message names the location (default:
+    the URL, credentials stripped). Remote checks use :func:`probe_options`, so an unreachable
+    endpoint fails in seconds.
+    """
+    shown = name or redact_url(url)
+    protocol = protocol_of(url)
+    fs, root = filesystem(url, probe_options(options) if protocol in S3_PROTOCOLS else options)
+    probe = posixpath.join(root, f".convmae-write-check-{uuid.uuid4().hex}")
+    local = is_local(fs) or "memory" in fs.protocol
+    try:
+        if local:
+            fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(probe, b"")
+    # Any failure here means the location is unusable; the job must stop with one line naming
+    # it, whatever the filesystem raised.
+    except Exception as exc:
+        raise DataError(f"{shown}: {_unwritable_reason(exc, protocol, root, local)}") from None
+    try:
+        fs.rm_file(probe)
+    except Exception as exc:  # writable is what was asked; a leftover empty object is harmless
+        log.warning("could not delete the write check %s (%s: %s)", probe, type(exc).__name__, exc)
+
+
+def _unwritable_reason(exc: Exception, protocol: str, root: str, local: bool) -> str:
+    if protocol in S3_PROTOCOLS and isinstance(exc, FileNotFoundError):
+        bucket = root.split("/", 1)[0]
+        return f"bucket {bucket!r} does not exist; create it first (jobs never create buckets)"
+    if "Credentials" in type(exc).__name__:  # botocore's NoCredentialsError, PartialCredentialsError
+        return f"no usable credentials ({describe_error(exc)}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile"
+    if isinstance(exc, PermissionError) and not local:
+        return f"not writable with these credentials ({describe_error(exc)})"
+    if not local and is_transient(exc):
+        return f"cannot be reached ({describe_error(exc)})"
+    return f"not writable ({describe_error(exc)})"
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: first line of the message``: one line for an error message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

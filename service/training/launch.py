@@ -64,14 +64,17 @@ def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | 
                 tags: dict[str, str] | None = None) -> Launch:
     """Connects to (or starts) Ray, resolves devices and precision, checks the run's storage,
     and opens (or, when resuming, reopens) its MLflow run with the config logged."""
-    connect_ray(cfg.dist.ray_address)
-    use_gpu = resolve_use_gpu(cfg)
-    precision = resolve_precision(cfg, use_gpu)
-    compile_model = cfg.dist.compile if cfg.dist.compile is not None else use_gpu
+    # Storage first: an unreachable or read-only storage_path would otherwise surface only at
+    # the first checkpoint, after the cluster started and a run was opened.
+    require_writable(cfg.checkpoint.storage_path, cfg.storage, "checkpoint.storage_path")
     storage_path, storage_fs = storage_location(cfg.checkpoint.storage_path, cfg.storage)
     storage_label = cfg.checkpoint.storage_path.rstrip("/") + "/" + cfg.run_name
     if not cfg.checkpoint.resume:
         _refuse_existing_run(storage_path, storage_fs, cfg)
+    connect_ray(cfg.dist.ray_address)
+    use_gpu = resolve_use_gpu(cfg)
+    precision = resolve_precision(cfg, use_gpu)
+    compile_model = cfg.dist.compile if cfg.dist.compile is not None else use_gpu
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     tracker = open_run(tracking_uri, cfg.mlflow.experiment,
                        identity=run_identity(cfg.run_name, storage_label), run_name=cfg.run_name,
@@ -116,6 +119,15 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
 
 
 # ---------------------------------------------------------------- pieces
+
+
+def require_writable(url: str, storage: StorageConfig, key: str) -> None:
+    """Raises DataError, naming ``key`` and ``url``, unless the storage location can be written
+    now; it fails within seconds on an unreachable endpoint, and never creates a bucket."""
+    from service.data import storage_options
+    from service.data.storage import check_writable, redact_url
+
+    check_writable(absolute_url(url) or url, storage_options(storage), name=f"{key}={redact_url(url)!r}")
 
 
 def storage_location(url: str, storage: StorageConfig):

@@ -111,7 +111,7 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
         resolve_use_gpu,
     )
     from service.tracking import resolve_tracking_uri
-    from service.training.launch import absolute_url, storage_location
+    from service.training.launch import absolute_url, require_writable, storage_location
 
     cfg.validate()
     dims = parse_space(cfg)
@@ -134,6 +134,8 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
         "checkpoint.storage_path": _join(absolute_url(cfg.sweep.storage_path), cfg.sweep.name, "train_runs"),
     })
 
+    require_writable(cfg.sweep.storage_path, cfg.storage, "sweep.storage_path")
+    storage_path, storage_fs = storage_location(cfg.sweep.storage_path, cfg.storage)
     connect_ray(cfg.dist.ray_address)
     use_gpu = resolve_use_gpu(base)
     resolve_precision(base, use_gpu)
@@ -146,7 +148,6 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
                     per_trial, {k: cluster.get(k, 0.0) for k in per_trial})
     concurrency = concurrent_trials(cfg.sweep.max_concurrent_trials, per_trial, cluster)
 
-    storage_path, storage_fs = storage_location(cfg.sweep.storage_path, cfg.storage)
     experiment_path = _join(storage_path, cfg.sweep.name)
     storage_label = _join(cfg.sweep.storage_path.rstrip("/"), cfg.sweep.name)
     parent = open_parent_run(cfg, tracking_uri, storage_label, dims, metric, mode)

@@ -12,9 +12,9 @@ import pytest
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
-def run_job(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_job(name: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(JOBS / f"{name}.py"), *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+                          timeout=300, cwd=cwd, env=env)
 
 
 @pytest.mark.parametrize(("job", "expected"), [
@@ -60,6 +60,30 @@ def test_malformed_yaml_exits_2_naming_the_file_and_line(tmp_path):
     assert out.stderr.strip() == (f"pretrain.py: error: invalid config: config file '{config}' is not valid YAML "
                                   "at line 4, column 6: expected ',' or ']', but got ':' (while parsing a flow sequence)")
     assert not list(work.iterdir())
+
+
+def test_an_unreachable_checkpoint_storage_path_exits_2_in_seconds(digits_dir, tmp_path):
+    import os
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    started = time.monotonic()
+    out = run_job("pretrain", "--data.url", str(digits_dir / "digits" / "train"), "--data.val_url", "",
+                  "--checkpoint.storage_path", "s3://runs-bucket/convmae", "--storage.endpoint_url",
+                  f"http://127.0.0.1:{port}", "--mlflow.enabled", "false", cwd=tmp_path, env=env)
+    assert out.returncode == 2, (out.stdout, out.stderr[-2000:])
+    errors = [line for line in out.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(
+        "pretrain.py: error: checkpoint.storage_path='s3://runs-bucket/convmae': cannot be reached "
+        f"(EndpointConnectionError: Could not connect to the endpoint URL: \"http://127.0.0.1:{port}/runs-bucket/"), errors
+    assert "Traceback" not in out.stderr and "Started a local Ray instance" not in out.stderr
+    assert time.monotonic() - started < 60
+    assert not list(tmp_path.iterdir())
 
 
 def test_print_config_shows_the_resolved_yaml(tmp_path):

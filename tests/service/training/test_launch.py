@@ -1,12 +1,24 @@
-"""What a driver hands to Ray: storage filesystems without secrets, absolute local paths."""
+"""What a driver hands to Ray: storage filesystems without secrets, absolute local paths, and a
+storage path checked reachable and writable before anything starts."""
 
 from __future__ import annotations
 
 import pickle
+import socket
+import time
 from pathlib import Path
 
+import boto3
+import pytest
+
 from service.config import StorageConfig
-from service.training.launch import absolute_url, persistable_storage_options, storage_location
+from service.data import DataError
+from service.training.launch import (
+    absolute_url,
+    persistable_storage_options,
+    require_writable,
+    storage_location,
+)
 
 
 def test_storage_filesystems_carry_no_credentials(monkeypatch):
@@ -32,3 +44,39 @@ def test_local_storage_and_data_paths_become_absolute(tmp_path, monkeypatch):
     assert absolute_url("file://data/x") == str(tmp_path / "data" / "x")
     assert absolute_url("s3://bucket/x") == "s3://bucket/x"
     assert absolute_url(None) is None
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_missing_bucket_is_named_and_never_created(s3_server):
+    with pytest.raises(DataError) as err:
+        require_writable("s3://no-such-bucket-4f1c/runs", StorageConfig(), "checkpoint.storage_path")
+    assert str(err.value) == ("checkpoint.storage_path='s3://no-such-bucket-4f1c/runs': bucket 'no-such-bucket-4f1c' "
+                              "does not exist; create it first (jobs never create buckets)")
+    buckets = boto3.client("s3", endpoint_url=s3_server).list_buckets()["Buckets"]
+    assert "no-such-bucket-4f1c" not in {b["Name"] for b in buckets}
+
+
+def test_an_unreachable_endpoint_fails_in_seconds_naming_the_url(s3_server):
+    port = _closed_port()
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"^checkpoint.storage_path='s3://bucket/runs': cannot be reached "
+                                        rf"\(EndpointConnectionError: .*127.0.0.1:{port}/bucket/runs/"):
+        require_writable("s3://bucket/runs", StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", max_retries=5),
+                         "checkpoint.storage_path")
+    assert time.monotonic() - started < 20  # short timeouts and one retry, not the run's max_retries
+
+
+def test_a_writable_location_passes_and_keeps_no_trace(s3_bucket, s3_server, tmp_path):
+    require_writable(f"{s3_bucket}/runs", StorageConfig(), "checkpoint.storage_path")
+    listed = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=s3_bucket.removeprefix("s3://"))
+    assert not listed.get("Contents")
+    require_writable(str(tmp_path / "runs"), StorageConfig(), "checkpoint.storage_path")
+    assert (tmp_path / "runs").is_dir() and not list((tmp_path / "runs").iterdir())
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match=r"sweep.storage_path='.*/file/runs': not writable \(NotADirectoryError"):
+        require_writable(str(tmp_path / "file" / "runs"), StorageConfig(), "sweep.storage_path")
