@@ -8,11 +8,13 @@ after them; a complete destination is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import posixpath
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,15 @@ from service.data.manifest import (
 )
 from service.data.shards import ShardWriter, sample_tar_bytes
 from service.data.sources import ImageSource, open_source, read_all
-from service.data.storage import filesystem, is_local, redact_url, retrying
+from service.data.storage import (
+    check_writable,
+    describe_error,
+    filesystem,
+    is_local,
+    is_storage_error,
+    redact_url,
+    retrying,
+)
 from service.data.storage import storage_options as default_storage_options
 
 log = logging.getLogger(__name__)
@@ -48,18 +58,38 @@ def prepare_dataset(src: str, dest: str, *, shard_bytes: int = DEFAULT_SHARD_BYT
     ``storage_options`` apply to remote URLs; None: :func:`service.data.storage_options` of
     a default config, i.e. the AWS_* environment variables. Shards close at ``shard_bytes`` (or ``samples_per_shard`` samples, if given).
     ``shuffle_seed=None`` keeps the source order. Returns the manifest as a dict.
+
+    Symlinks in a local ``src`` that leave it are refused (see ``service.data.sources``). A
+    missing destination bucket is an error, never created. Storage errors (unreachable,
+    forbidden, missing) are DataErrors of one line naming the URL.
     """
     if storage_options is None:
         storage_options = default_storage_options()
-    source = open_source(src, storage_options, shuffle_seed)
+    with storage_errors_named(src, "cannot read the source"):
+        source = open_source(src, storage_options, shuffle_seed)
     try:
-        return write_dataset(source, dest, shard_bytes=shard_bytes,
-                             storage_options=storage_options,
-                             samples_per_shard=samples_per_shard, overwrite=overwrite,
-                             max_retries=max_retries,
-                             extra={"shuffle_seed": shuffle_seed})
+        with storage_errors_named(dest, "cannot write the data set"):
+            return write_dataset(source, dest, shard_bytes=shard_bytes,
+                                 storage_options=storage_options,
+                                 samples_per_shard=samples_per_shard, overwrite=overwrite,
+                                 max_retries=max_retries,
+                                 extra={"shuffle_seed": shuffle_seed,
+                                        **({"skipped": source.skipped} if source.skipped else {})})
     finally:
         source.close()
+
+
+@contextlib.contextmanager
+def storage_errors_named(url: str, doing: str) -> Iterator[None]:
+    """Turns a storage error (not a bug) into a one-line DataError naming ``url``."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as exc:
+        if not is_storage_error(exc):
+            raise
+        raise DataError(f"{redact_url(url)}: {doing} ({describe_error(exc)})") from None
 
 
 def write_dataset(source: ImageSource, dest: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -73,7 +103,9 @@ def write_dataset(source: ImageSource, dest: str, *, shard_bytes: int = DEFAULT_
         raise DataError(f"samples_per_shard={samples_per_shard} is not allowed: >= 1 or None")
     fs, root = filesystem(dest, storage_options)
     shown = redact_url(dest)
-    fs.makedirs(root, exist_ok=True)
+    # Before any image is read: a missing bucket or an unreachable endpoint fails in seconds,
+    # and a bucket is never created (s3fs's makedirs would create one).
+    check_writable(dest, storage_options)
     fs.invalidate_cache(root)
     total = len(source.images)
     if overwrite:
@@ -193,8 +225,12 @@ def _remove_ours(fs: fsspec.AbstractFileSystem, root: str, keep_below: int) -> N
     manifest = posixpath.join(root, MANIFEST_NAME)
     if keep_below == 0 and fs.exists(manifest):
         fs.rm_file(manifest)  # first, so a half-deleted data set never looks complete
+    try:
+        listed = fs.ls(root, detail=False)
+    except FileNotFoundError:  # an object-store prefix with nothing in it yet
+        return
     doomed = []
-    for path in fs.ls(root, detail=False):
+    for path in listed:
         match = _OUR_FILES.match(posixpath.basename(path))
         if match and int(match.group(1)) >= keep_below:
             doomed.append(path)

@@ -8,11 +8,19 @@ a ``.tar`` inside a tar counts as a class folder named after it (ImageNet's trai
 Images are written in a shuffled order (``shuffle_seed``), so every shard mixes classes and a
 reader's shuffle buffer sees a fair sample. Compressed tars cannot be read out of order, so
 they keep archive order.
+
+Symbolic links in a local folder: a link to a file inside the folder is read as that file. A
+link that leaves the folder (``cat.jpg -> /etc/passwd``, ``more -> /data``), to a file or a
+folder, is refused: listing stops with a DataError naming the link and its target, so nothing
+outside SRC ever lands in a shard. A dangling link is skipped with a warning and counted
+(``ImageSource.skipped``); a link to a folder inside SRC is not followed (its images are read
+through their own path), also with a warning. Archive members that are links are never read.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import random
 import tarfile
@@ -24,7 +32,7 @@ from typing import Any, BinaryIO
 
 from service.data.errors import DataError
 from service.data.shards import sanitize_key
-from service.data.storage import filesystem, redact_url
+from service.data.storage import describe_error, filesystem, is_local, is_storage_error, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,7 @@ class ImageSource:
         self.description = description
         self.images: list[SourceImage] = []
         self.class_names: tuple[str, ...] = ()
+        self.skipped: dict[str, int] = {}  # what listing left out, by reason (dangling symlinks...)
 
     def read(self, images: Sequence[SourceImage]) -> list[bytes]:
         """The bytes of ``images``; callers ask in write order."""
@@ -98,7 +107,7 @@ class FolderSource(ImageSource):
     def __init__(self, url: str, options: dict[str, Any] | None, shuffle_seed: int | None) -> None:
         super().__init__(redact_url(url))
         self.fs, self.root = filesystem(url, options)
-        paths = sorted(self.fs.find(self.root))
+        paths = sorted(self._local_files() if is_local(self.fs) else self.fs.find(self.root))
         prefix = self.root.rstrip("/") + "/"
         self._index([(p[len(prefix):], p) for p in paths if p.startswith(prefix)], shuffle_seed)
 
@@ -106,6 +115,38 @@ class FolderSource(ImageSource):
         paths = [image.locator for image in images]
         found = self.fs.cat(paths, on_error="raise")
         return [found[p] for p in paths]
+
+    def _local_files(self) -> list[str]:
+        """Files under a local root, symlinks handled as the module docstring says."""
+        real_root = os.path.realpath(self.root)
+        files, dangling, folder_links = [], [], []
+        # followlinks=False: a linked folder is listed in dirnames but never descended into.
+        for folder, dirnames, filenames in os.walk(self.root):
+            for name in sorted(dirnames):
+                path = os.path.join(folder, name)
+                if os.path.islink(path):
+                    self._refuse_if_outside(path, real_root)
+                    folder_links.append(path)
+            for name in filenames:
+                path = os.path.join(folder, name)
+                if os.path.islink(path):
+                    if not os.path.exists(path):
+                        dangling.append(path)
+                        continue
+                    self._refuse_if_outside(path, real_root)
+                files.append(path)
+        for reason, paths in (("dangling symlinks", dangling), ("symlinked folders (not followed)", folder_links)):
+            if paths:
+                self.skipped[reason] = len(paths)
+                log.warning("%s: skipped %d %s, e.g. %s", self.description, len(paths), reason,
+                            ", ".join(f"{p} -> {os.readlink(p)}" for p in paths[:3]))
+        return files
+
+    def _refuse_if_outside(self, link: str, real_root: str) -> None:
+        target = os.path.realpath(link)
+        if os.path.commonpath([target, real_root]) != real_root:
+            raise DataError(f"{self.description}: {link} is a symlink to {target}, outside the source folder; "
+                            "refused (copy what it points to into the folder, or prepare that folder itself)")
 
 
 def _clean(member_name: str) -> str:
@@ -265,6 +306,13 @@ def read_all(source: ImageSource, start: int) -> Iterator[tuple[SourceImage, byt
     """Source images from position ``start`` on, with their bytes, read in batches."""
     for begin in range(start, len(source.images), READ_BATCH):
         chunk = source.images[begin:begin + READ_BATCH]
-        yield from zip(chunk, source.read(chunk))
+        try:
+            data = source.read(chunk)
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            raise DataError(f"{source.description}: cannot read images {chunk[0].key!r}..{chunk[-1].key!r} "
+                            f"({describe_error(exc)})") from None
+        yield from zip(chunk, data)
 
 

@@ -141,6 +141,18 @@ def is_transient(exc: BaseException) -> bool:
     return module in ("botocore", "aiohttp", "urllib3", "requests", "gcsfs", "s3fs")
 
 
+def is_storage_error(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from reaching or using storage (missing, forbidden, unreachable,
+    throttled...), as opposed to a bug: such errors are reported as one line naming the URL."""
+    if isinstance(exc, (OSError, EOFError, TimeoutError)):
+        return True
+    return type(exc).__module__.split(".")[0] in _STORAGE_ERROR_MODULES
+
+
+_STORAGE_ERROR_MODULES = frozenset({"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs",
+                                    "adlfs", "fsspec"})
+
+
 def backoff_seconds(attempt: int, base: float = 0.5, cap: float = 20.0) -> float:
     """Exponential backoff with jitter, so workers that failed together do not retry together."""
     return min(cap, base * 2**attempt) * (0.5 + random.random() / 2)

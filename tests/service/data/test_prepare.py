@@ -1,18 +1,22 @@
-"""prepare_dataset / jobs/prepare_data.py: layouts, archives, shard sizes, manifest last, resume."""
+"""prepare_dataset / jobs/prepare_data.py: layouts, archives, shard sizes, manifest last, resume;
+symlinks that leave the source, missing buckets and unreachable storage."""
 
 from __future__ import annotations
 
 import hashlib
+import socket
 import subprocess
 import sys
 import tarfile
 import zipfile
 from pathlib import Path
 
+import boto3
 import pytest
 
 import service.data.prepare as prepare_module
-from service.data import DataError, open_dataset
+from service.config import StorageConfig
+from service.data import DataError, open_dataset, storage_options
 from service.data.prepare import prepare_dataset
 from tests.service.data.conftest import image_bytes, storage
 
@@ -223,3 +227,76 @@ def test_reading_from_the_middle_of_a_shard_uses_offsets(make_image_folder, tmp_
     assert [s.key for s in fresh.read(0, 4, 7)] == every[4:7]
 
 
+
+
+# ---------------------------------------------------------------- symlinks
+
+
+def test_symlinks_leaving_the_source_are_refused(make_image_folder, tmp_path):
+    src = make_image_folder(classes=2, per_class=2)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0")
+    (src / "class_0" / "cat.jpg").symlink_to(secret)
+    with pytest.raises(DataError, match=rf"{src}/class_0/cat.jpg is a symlink to {secret}, outside the source "
+                                        r"folder; refused"):
+        prepare_dataset(str(src), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # refused while listing, before anything is written
+    (src / "class_0" / "cat.jpg").unlink()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (src / "class_1" / "more").symlink_to(outside)  # a folder leaving SRC too
+    with pytest.raises(DataError, match=rf"{src}/class_1/more is a symlink to {outside}, outside"):
+        prepare_dataset(str(src), str(tmp_path / "out"))
+
+
+def test_dangling_and_folder_symlinks_are_skipped_and_counted(make_image_folder, tmp_path, caplog):
+    src = make_image_folder(classes=2, per_class=2)
+    (src / "class_0" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (src / "class_1" / "alias.jpg").symlink_to(src / "class_0" / "img_0_0.JPEG")  # inside SRC: read
+    (src / "class_1" / "again").symlink_to(src / "class_0")  # a folder inside SRC: not followed
+    with caplog.at_level("WARNING", logger="service.data.sources"):
+        manifest = prepare_dataset(str(src), str(tmp_path / "out"))
+    assert manifest["num_samples"] == 5
+    assert manifest["extra"]["skipped"] == {"dangling symlinks": 1, "symlinked folders (not followed)": 1}
+    assert f"skipped 1 dangling symlinks, e.g. {src}/class_0/gone.jpg -> {tmp_path}/deleted.jpg" in caplog.text
+    contents = read_everything(str(tmp_path / "out"))
+    assert contents["class_1/alias"] == (contents["class_0/img_0_0"][0], 1)  # its bytes, labeled by its folder
+
+
+# ---------------------------------------------------------------- storage errors
+
+
+def test_a_missing_destination_bucket_is_an_error_and_never_created(s3_server, make_image_folder):
+    src = make_image_folder(classes=2, per_class=2)
+    with pytest.raises(DataError, match=r"^s3://no-such-dest-7c2e/imgs: bucket 'no-such-dest-7c2e' does not exist; "
+                                        r"create it first"):
+        prepare_dataset(str(src), "s3://no-such-dest-7c2e/imgs")
+    names = {b["Name"] for b in boto3.client("s3", endpoint_url=s3_server).list_buckets()["Buckets"]}
+    assert "no-such-dest-7c2e" not in names
+
+
+def test_overwrite_into_a_new_prefix_of_an_existing_bucket(s3_bucket, make_image_folder):
+    src = make_image_folder(classes=2, per_class=2)
+    assert prepare_dataset(str(src), f"{s3_bucket}/fresh", overwrite=True)["num_samples"] == 4
+
+
+def test_an_unreachable_source_is_one_line_naming_it(s3_server, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    options = storage_options(StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", max_retries=0))
+    with pytest.raises(DataError, match=r"^s3://photos/raw: cannot read the source \(EndpointConnectionError: "
+                                        rf"Could not connect to the endpoint URL: \"http://127.0.0.1:{port}/"):
+        prepare_dataset("s3://photos/raw", str(tmp_path / "out"), storage_options=options)
+
+
+def test_cli_reports_a_missing_bucket_in_one_line(s3_server, make_image_folder, capsys):
+    # In-process: the same run_job path as the script, without its start-up time.
+    from jobs.prepare_data import main
+
+    src = make_image_folder(classes=2, per_class=2)
+    with pytest.raises(SystemExit) as exited:
+        main([str(src), "s3://no-such-dest-91ab/x"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == ("prepare_data.py: error: s3://no-such-dest-91ab/x: bucket 'no-such-dest-91ab' "
+                                       "does not exist; create it first (jobs never create buckets)\n")
