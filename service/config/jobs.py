@@ -121,6 +121,7 @@ class EvaluateConfig:
         check(self.probe_max_iter >= 1, "probe_max_iter", self.probe_max_iter, ">= 1")
         check(0.0 < self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "0 < mask_ratio < 1")
         check(self.data.loader_workers >= 0, "data.loader_workers", self.data.loader_workers, ">= 0")
+        validate_max_pixels(self.data)
         validate_storage(self.storage)
         return self
 
@@ -151,6 +152,7 @@ class ReconstructConfig:
         check(0.0 < self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "0 < mask_ratio < 1")
         check(1 <= self.scale <= 32, "scale", self.scale, "1..32")
         check(self.split in RECONSTRUCT_SPLITS, "split", self.split, f"one of {', '.join(RECONSTRUCT_SPLITS)}")
+        validate_max_pixels(self.data)
         validate_storage(self.storage)
         return self
 
@@ -242,9 +244,14 @@ def validate_training_job(cfg: TrainingJobConfig) -> None:
     d = cfg.data
     check(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, ">= 0")
     check(0.0 < d.min_crop_scale <= 1.0, "data.min_crop_scale", d.min_crop_scale, "0 < scale <= 1")
+    validate_max_pixels(d)
     validate_storage(cfg.storage)
     validate_optimization(cfg.train)
     validate_run(cfg)
+
+
+def validate_max_pixels(d: DataConfig) -> None:
+    check(d.max_image_pixels >= 1, "data.max_image_pixels", d.max_image_pixels, ">= 1 (e.g. 67108864 = 8192 x 8192)")
 
 
 def validate_storage(s: StorageConfig) -> None:

@@ -48,6 +48,9 @@ class DataConfig:
     hflip: bool = True
     # Where the embedded data set is generated (relative to the working directory).
     embedded_dir: str = "convmae_data"
+    # Images with more pixels (by their header) are skipped and counted, never decoded: one
+    # 13000x13000 PNG would take 0.5 GB in a loader worker. 8192 x 8192 by default.
+    max_image_pixels: int = 8192 * 8192
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,9 @@ resume_state=None) -> TrainLoader``
     the remaining batches of the epoch, identical in content. The state is rank-independent
     (rank 0's state resumes every rank); resuming with a different world size, batch size,
     seed, epoch, shuffle buffer or loader_workers count raises DataError.
-    ``loader.corrupt_samples`` counts undecodable images; each is logged at WARNING with its
-    key. To keep batch shapes fixed, an undecodable image's slot is filled with a decodable
+    ``loader.corrupt_samples`` counts undecodable images and those whose header announces more
+    than ``cfg.max_image_pixels`` pixels (never decoded); each is logged at WARNING with its
+    key and why. To keep batch shapes fixed, a skipped image's slot is filled with a decodable
     image of the same batch (or a mean-colour image labelled -1 if none is).
     ``cfg.loader_workers`` DataLoader worker processes (0: in-process), no persistent workers,
     pinned memory only when CUDA is available. Ranks are passed in, never looked up.

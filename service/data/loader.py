@@ -35,10 +35,10 @@ _STATE_KEYS = ("epoch", "seed", "world_size", "batch_size", "num_streams", "shuf
 
 class _Loader:
     def __init__(self, dataset: ShardDataset, plan: EpochPlan, transform: Geometry,
-                 num_workers: int, fill_corrupt: bool) -> None:
+                 num_workers: int, fill_corrupt: bool, max_pixels: int) -> None:
         self.dataset, self.plan, self.transform = dataset, plan, transform
         self.num_workers = num_workers
-        self._fill_corrupt = fill_corrupt
+        self._fill_corrupt, self._max_pixels = fill_corrupt, max_pixels
         self._consumed = 0
         self._corrupt = 0
 
@@ -47,7 +47,8 @@ class _Loader:
 
     @property
     def corrupt_samples(self) -> int:
-        """Undecodable images skipped so far (each also logged at WARNING with its key)."""
+        """Images skipped so far, undecodable or over the pixel limit (each also logged at
+        WARNING with its key and why)."""
         return self._corrupt
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -55,7 +56,7 @@ class _Loader:
         if self._consumed >= len(self):
             return
         stream = BatchStream(self.dataset, self.plan, self.transform, first_slot=self._consumed,
-                             fill_corrupt=self._fill_corrupt)
+                             fill_corrupt=self._fill_corrupt, max_pixels=self._max_pixels)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             pin_memory=torch.cuda.is_available(), persistent_workers=False)
         for batch in loader:
@@ -66,7 +67,7 @@ class _Loader:
 
     def _count_corrupt(self, corrupt: list[tuple[str, str, str]]) -> None:
         for key, shard, reason in corrupt:
-            log.warning("skipped undecodable image %r in %s/%s: %s", key,
+            log.warning("skipped image %r in %s/%s: %s", key,
                         redact_url(self.dataset.url), shard, reason)
         self._corrupt += len(corrupt)
 
@@ -81,9 +82,9 @@ class TrainLoader(_Loader):
     """
 
     def __init__(self, dataset: ShardDataset, plan: EpochPlan, transform: Geometry, *,
-                 num_workers: int, seed: int, epoch: int,
+                 num_workers: int, seed: int, epoch: int, max_pixels: int,
                  resume_state: dict[str, Any] | None = None) -> None:
-        super().__init__(dataset, plan, transform, num_workers, fill_corrupt=True)
+        super().__init__(dataset, plan, transform, num_workers, fill_corrupt=True, max_pixels=max_pixels)
         self.seed, self.epoch = seed, epoch
         if resume_state is not None:
             self._consumed, self._corrupt = self._check_resume(resume_state)
@@ -154,7 +155,7 @@ def build_train_loader(cfg: DataConfig, *, storage: StorageConfig | None = None,
                             shuffle_window=cfg.shuffle_buffer)
     transform = train_transform(img_size, cfg.min_crop_scale, cfg.hflip)
     return TrainLoader(dataset, plan, transform, num_workers=cfg.loader_workers, seed=seed,
-                       epoch=epoch, resume_state=resume_state)
+                       epoch=epoch, max_pixels=cfg.max_image_pixels, resume_state=resume_state)
 
 
 def build_eval_loader(url: str, cfg: DataConfig, *, storage: StorageConfig | None = None, img_size: int,
@@ -164,4 +165,4 @@ def build_eval_loader(url: str, cfg: DataConfig, *, storage: StorageConfig | Non
     plan = plan_eval(dataset.shard_sizes, rank=rank, world_size=world_size,
                      batch_size=batch_size, num_streams=max(1, cfg.loader_workers))
     return EvalLoader(dataset, plan, eval_transform(img_size), cfg.loader_workers,
-                      fill_corrupt=False)
+                      fill_corrupt=False, max_pixels=cfg.max_image_pixels)

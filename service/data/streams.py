@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import itertools
 import random
+import warnings
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -20,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from service.data.dataset import ShardDataset
 from service.data.sharding import EpochPlan
 from service.data.shards import RawSample
-from service.data.transforms import to_normalized_batch
+from service.data.transforms import check_pixels, to_normalized_batch
 
 
 class Geometry(Protocol):
@@ -40,13 +41,16 @@ class BatchStream(IterableDataset):
     the batch's decodable images in place of undecodable ones; a batch with none decodable is
     filled with mean-colour images labelled -1. Without it (evaluation) undecodable images are
     just left out.
+
+    ``max_pixels``: images whose header announces more pixels are treated as undecodable
+    (skipped and counted) without being decoded.
     """
 
     def __init__(self, dataset: ShardDataset, plan: EpochPlan, transform: Geometry,
-                 first_slot: int, fill_corrupt: bool) -> None:
+                 first_slot: int, fill_corrupt: bool, max_pixels: int) -> None:
         super().__init__()
         self.dataset, self.plan, self.transform = dataset, plan, transform
-        self.first_slot, self.fill_corrupt = first_slot, fill_corrupt
+        self.first_slot, self.fill_corrupt, self.max_pixels = first_slot, fill_corrupt, max_pixels
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -94,9 +98,15 @@ class BatchStream(IterableDataset):
             try:
                 if sample.image is None:
                     raise ValueError("the sample has no image member")
-                with Image.open(io.BytesIO(sample.image)) as img:
+                with warnings.catch_warnings():
+                    # data.max_image_pixels decides, below; PIL's own warning would only repeat
+                    # it for every such image. (PIL still refuses over twice its own limit.)
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    img = Image.open(io.BytesIO(sample.image))
+                with img:
+                    check_pixels(img, self.max_pixels)
                     images.append(self.transform.geometry(img, rng))
-            except Exception as exc:  # any decoder failure means a bad image, not a bad run
+            except Exception as exc:  # any decoder failure (or oversize) means a bad image, not a bad run
                 corrupt.append((sample.key, sample.shard, f"{type(exc).__name__}: {exc}"))
                 continue
             labels.append(sample.label)

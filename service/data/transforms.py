@@ -57,6 +57,20 @@ def _draft(img: Image.Image, needed_width: float, needed_height: float) -> tuple
     return img.size[0] / width, img.size[1] / height
 
 
+class ImageTooLarge(ValueError):
+    """An image whose header announces more pixels than allowed; it is not decoded."""
+
+
+def check_pixels(img: Image.Image, max_pixels: int) -> None:
+    """Raises ImageTooLarge unless ``img`` (opened, not yet decoded: PIL reads only the header
+    on open) has at most ``max_pixels`` pixels, so a huge image is refused before its decode
+    allocates width x height x channels bytes."""
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{width}x{height} is {width * height} pixels, over data.max_image_pixels={max_pixels}; "
+                            "not decoded")
+
+
 def _check_size(img_size: int) -> None:
     if not isinstance(img_size, int) or img_size < 1:
         raise ValueError(f"img_size={img_size!r} is not allowed: a positive int")

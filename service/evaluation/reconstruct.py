@@ -40,8 +40,9 @@ def load_images(cfg: ReconstructConfig, img_size: int) -> torch.Tensor:
         tensors = []
         for url in [u.strip() for u in cfg.inputs.split(",") if u.strip()][: cfg.images]:
             try:
-                with fsspec.open(url, "rb") as f:
-                    tensors.append(transform(Image.open(f).convert("RGB")))
+                with fsspec.open(url, "rb") as f, Image.open(f) as img:
+                    data_lib.transforms.check_pixels(img, cfg.data.max_image_pixels)
+                    tensors.append(transform(img.convert("RGB")))
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"inputs: cannot read image {url!r}: {exc}") from None
         return torch.stack(tensors)

@@ -105,6 +105,7 @@ def test_mask_ratio_must_leave_the_encoder_a_visible_patch():
         ("dist.offload_optimizer", True, "zero_stage >= 1"),
         ("checkpoint.storage_path", "", "a local path or URL"),
         ("train.max_steps", 0, "max_steps=0"),
+        ("data.max_image_pixels", 0, "data.max_image_pixels=0 is not allowed: >= 1"),
     ],
 )
 def test_pretraining_and_fine_tuning_check_their_shared_keys_alike(key, value, fragment):

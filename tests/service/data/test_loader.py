@@ -1,14 +1,19 @@
-"""Loaders over local and in-memory data sets: batch format, determinism, equal lengths."""
+"""Loaders over local and in-memory data sets: batch format, determinism, equal lengths, the
+pixel limit."""
 
 from __future__ import annotations
+
+import struct
+import zlib
 
 import fsspec
 import pytest
 import torch
 
 from service.data import DataError, build_eval_loader, build_train_loader, open_dataset
-from service.data.prepare import prepare_dataset
-from tests.service.data.conftest import config, storage
+from service.data.prepare import prepare_dataset, write_dataset
+from service.data.sources import MemorySource
+from tests.service.data.conftest import config, image_bytes, storage
 
 
 def keys_of(loader) -> list[list[str]]:
@@ -123,3 +128,40 @@ def test_local_paths_that_are_not_data_sets_are_named(tmp_path):
         open_dataset(f"file://{tmp_path}/photos", storage())
     with pytest.raises(DataError, match="data URL is empty"):
         open_dataset("", storage())
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A valid all-black 1-bit PNG of ``width`` x ``height``: a few KB on disk however large,
+    but decoding it would take width x height bytes (x3 as RGB)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    packer = zlib.compressobj(9)
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def test_images_over_the_pixel_limit_are_skipped_counted_and_never_decoded(tmp_path, caplog):
+    bomb = huge_png(13000, 13000)
+    assert len(bomb) < 300_000
+    items = [(f"ok{i}", "png", image_bytes(i, (20, 20), "PNG"), 0) for i in range(7)]
+    items += [("big", "png", image_bytes(9, (40, 40), "PNG"), 0), ("bomb", "png", bomb, 0)]
+    write_dataset(MemorySource("test", items), str(tmp_path / "ds"))
+    url = str(tmp_path / "ds")
+
+    with caplog.at_level("WARNING", logger="service.data"):
+        loader = build_train_loader(storage=storage(), cfg=config(url=url), img_size=16, batch_size=9, rank=0,
+                                    world_size=1, seed=0, epoch=0)
+        (batch,) = list(loader)  # the default limit, 8192 x 8192
+    assert loader.corrupt_samples == 1 and "bomb" not in batch["keys"] and "big" in batch["keys"]
+    assert batch["images"].shape == (9, 3, 16, 16)  # the slot refilled, as for corrupt images
+    assert ("skipped image 'bomb'" in caplog.text
+            and "13000x13000 is 169000000 pixels, over data.max_image_pixels=67108864; not decoded" in caplog.text)
+
+    # The limit is data.max_image_pixels; evaluation leaves such images out too.
+    small = config(url=url, max_image_pixels=20 * 20)
+    evaluated = build_eval_loader(url, small, storage=storage(), img_size=16, batch_size=9)
+    keys = [k for b in evaluated for k in b["keys"]]
+    assert sorted(keys) == [f"ok{i}" for i in range(7)] and evaluated.corrupt_samples == 2

@@ -161,7 +161,7 @@ def test_corrupt_images_are_skipped_counted_and_logged(corrupt_url, caplog):
             total_corrupt += loader.corrupt_samples
     dealt_bad = set(CORRUPT) & _dealt(corrupt_url)  # the others fell in the dropped remainder
     assert dealt_bad, "the test needs a corrupt image among this epoch's samples"
-    logged = {key for key in CORRUPT if f"undecodable image {key!r}" in caplog.text}
+    logged = {key for key in CORRUPT if f"skipped image {key!r}" in caplog.text}
     assert total_corrupt == len(dealt_bad) and logged == dealt_bad
     assert not set(seen) & set(CORRUPT)  # their slots were filled with decodable images
 
