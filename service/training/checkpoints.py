@@ -4,19 +4,30 @@ Every worker writes its share of the engine state (``Engine.save``) into a local
 reports it; Ray Train merges the folders of all workers into one checkpoint in the run's
 storage (local or s3://) and keeps the last K. Restoring downloads that checkpoint on every worker and loads model, optimizer,
 the training position (epoch, batches consumed, step) and each rank's RNG state.
+
+Uploads are retried: Ray Train's own upload (``StorageContext.persist_current_checkpoint``)
+runs as the report's ``checkpoint_upload_fn``, retried with backoff on transient storage
+errors (``storage.max_retries`` times), so a storage outage shorter than the backoff does not
+fail the worker. Only when the retries are spent does the error reach Ray Train, which then
+fails the worker as before (and restarts it from the last checkpoint if dist.max_failures
+allows).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from service.data.storage import retrying
 from service.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -41,8 +52,9 @@ def _rng_file(rank: int) -> str:
     return f"rng/rank_{rank:05d}.pt"
 
 
-def save(engine: Engine, state: TrainState, metrics: dict[str, Any], rank: int) -> None:
-    """Writes this worker's shards and reports the checkpoint (a barrier across workers)."""
+def save(engine: Engine, state: TrainState, metrics: dict[str, Any], rank: int, *, max_retries: int = 5) -> None:
+    """Writes this worker's shards and reports the checkpoint (a barrier across workers); the
+    upload is retried up to ``max_retries`` times on transient storage errors."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="convmae-ckpt-") as tmp:
@@ -52,7 +64,28 @@ def save(engine: Engine, state: TrainState, metrics: dict[str, Any], rank: int) 
         torch.save({"torch": torch.get_rng_state()}, root / _rng_file(rank))
         if rank == 0:
             (root / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(root)))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(root)),
+                         checkpoint_upload_fn=functools.partial(_upload, max_retries=max_retries))
+
+
+def _upload(checkpoint: Any, checkpoint_dir_name: str, *, max_retries: int) -> Any:
+    """Ray Train's ``checkpoint_upload_fn``: its default upload, with retries."""
+    import ray.train
+
+    # get_storage() is a Ray DeveloperAPI: the run's StorageContext, whose
+    # persist_current_checkpoint is exactly what report() does without an upload function.
+    return persist_with_retries(ray.train.get_context().get_storage(), checkpoint, checkpoint_dir_name,
+                                max_retries=max_retries)
+
+
+def persist_with_retries(storage: Any, checkpoint: Any, checkpoint_dir_name: str, *, max_retries: int,
+                         sleep: Callable[[float], None] = time.sleep) -> Any:
+    """``storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)`` (a Ray Train
+    ``StorageContext``), retried with backoff on transient errors (unreachable endpoint,
+    throttling, 5xx); a missing bucket or a forbidden write fails at once. A retry copies the
+    whole folder again, overwriting what a failed attempt left."""
+    return retrying(lambda: storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name),
+                    what=f"uploading checkpoint {checkpoint_dir_name}", max_retries=max_retries, sleep=sleep)
 
 
 def restore(engine: Engine, rank: int) -> TrainState | None:

@@ -173,7 +173,8 @@ def run_epochs(
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {state.optimizer_step}; lower train.blr")
         checkpoints.save(engine, state, {**(report or {}), **metrics, "train/loss": loss,
-                                         "step": state.optimizer_step, "epoch": state.epoch}, ctx.rank)
+                                         "step": state.optimizer_step, "epoch": state.epoch}, ctx.rank,
+                         max_retries=cfg.storage.max_retries)
         last_saved_step = state.optimizer_step
 
     profiler = _StepProfiler(t.profile_steps if session.is_chief else 0, tracker)
