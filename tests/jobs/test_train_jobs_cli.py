@@ -36,6 +36,7 @@ def test_help_lists_the_keys(job, expected, tmp_path):
     ("pretrain", ["--model.name", "convmae_giant"], "model.name='convmae_giant' is not allowed: one of"),
     ("pretrain", ["--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
     ("pretrain", ["--train.blr", "inf"], "train.blr=inf is not allowed: a finite number"),
+    ("pretrain", ["--run_name", ".."], "run_name='..' is not allowed: a single path component"),
     ("tune", ["--sweep.space.train.blr", "loguniform [0, 1e-3]"], "loguniform needs low > 0"),
     ("tune", ["--sweep.space.model.mask_ratio", "grid [0.5, 1.5]"], "value 1.5 is not allowed"),
     ("tune", ["--sweep.searcher", "grid"], "grid needs grid/choice dimensions only"),
