@@ -71,7 +71,7 @@ def submit(env: dict[str, str], *args: str) -> str:
     """`ray job submit` of ``jobs/pretrain.py args`` from the checkout; returns its log."""
     command = [RAY, "job", "submit", "--working-dir", ".", "--runtime-env", "infra/runtime_env.yaml", "--",
                "python", "jobs/pretrain.py", *args]
-    for attempt in range(10):  # the job agent may need a moment after `ray start` returns
+    for _ in range(10):  # the job agent may need a moment after `ray start` returns
         done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
         if "No available agent to submit job" not in done.stderr:
             break

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from service.config import ConfigError, EvaluateConfig, PretrainConfig, TuneJobConfig, with_overrides
+from service.config import (
+    ConfigError,
+    EvaluateConfig,
+    PretrainConfig,
+    TuneJobConfig,
+    with_overrides,
+)
 from service.config.locations import HOME_ENV, RAY_JOB_ENV, resolve_locations
 
 REPO = Path(__file__).resolve().parents[3]
