@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import tarfile
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from service.config import StorageConfig
+from service.config import StorageConfig, redact_url
 from service.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -84,11 +83,6 @@ def protocol_of(url: str) -> str:
     """``s3://b/p`` -> ``s3``; a plain path -> ``file``."""
     protocol = fsspec.core.split_protocol(url)[0]
     return protocol or "file"
-
-
-def redact_url(url: str) -> str:
-    """The URL without any ``user:password@`` part, for messages and logs."""
-    return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]*@", r"\1", url)
 
 
 def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from service.config import ConfigError, TrainingJobConfig
+from service.config import ConfigError, TrainingJobConfig, redact_url
+from service.runtime.credentials import is_secret_env
 
 log = logging.getLogger(__name__)
 
@@ -138,17 +139,20 @@ def scaling_config(cfg: TrainingJobConfig, use_gpu: bool):
     return ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
 
 
-
-
 def with_project_on_path() -> str:
     """``PYTHONPATH`` with this checkout first."""
     return os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH", "")) if p)
 
 
 def forwarded_env() -> dict[str, str]:
-    """The driver's object-store, MLflow client and chaos-testing settings, which the processes
-    it starts (workers, Tune trials) inherit."""
-    return {k: v for k, v in os.environ.items() if k.startswith(("CONVMAE_", "MLFLOW_HTTP_", "AWS_"))}
+    """The driver's settings its workers and Tune trials get in their runtime env: object-store
+    endpoint and region, MLflow client settings, chaos-testing switches.
+
+    Never credentials: Ray logs runtime envs in plain text (``service.runtime.credentials`` says
+    how workers get those). URLs lose any ``user:password@`` for the same reason.
+    """
+    return {k: redact_url(v) for k, v in os.environ.items()
+            if k.startswith(("CONVMAE_", "MLFLOW_HTTP_", "AWS_")) and not is_secret_env(k)}
 
 
 def worker_runtime_env() -> dict[str, Any]:

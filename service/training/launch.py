@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.config import ConfigError, StorageConfig, TrainingJobConfig, flatten, to_dict
+from service.config import (
+    ConfigError,
+    StorageConfig,
+    TrainingJobConfig,
+    flatten,
+    redact_url,
+    redacted,
+    to_dict,
+)
 from service.runtime.cluster import (
     connect_ray,
     resolve_precision,
@@ -21,6 +29,7 @@ from service.runtime.cluster import (
     scaling_config,
     worker_runtime_env,
 )
+from service.runtime.credentials import share_credentials
 from service.tracking import Tracker, open_run, resolve_tracking_uri
 from service.tracking.registry import git_commit
 
@@ -35,7 +44,7 @@ class Launch:
     precision: str  # resolved: bf16 / fp16 / fp32
     storage_path: str  # for Ray's RunConfig (a local path, or a path inside storage_fs)
     storage_fs: Any  # pyarrow filesystem for object storage, None for local paths
-    storage_label: str  # checkpoint.storage_path/run_name, as users wrote it
+    storage_label: str  # checkpoint.storage_path/run_name as users wrote it, less any user:password@
     tracking_uri: str
     tracker: Tracker  # the job's MLflow run (disabled when MLflow is off or down)
 
@@ -44,7 +53,8 @@ class Launch:
         return self.tracker.run_id if self.tracker.enabled else None
 
     def loop_config(self, cfg: TrainingJobConfig, *, train_url: str, val_url: str | None, **extra: Any) -> dict[str, Any]:
-        """What every worker gets: the config, devices, base lr, data URLs, MLflow run, plus ``extra``."""
+        """What every worker gets: the config, devices, base lr, data URLs, MLflow run, a reference
+        to the driver's credentials (``service.runtime.credentials``), plus ``extra``."""
         return {
             "config": to_dict(cfg),
             "use_gpu": self.use_gpu,
@@ -54,6 +64,7 @@ class Launch:
             "val_url": val_url,
             "tracking_uri": self.tracking_uri,
             "mlflow_run_id": self.run_id,
+            "credentials": share_credentials(),
             **extra,
         }
 
@@ -66,7 +77,7 @@ def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | 
     use_gpu = resolve_use_gpu(cfg)
     precision = resolve_precision(cfg, use_gpu)
     storage_path, storage_fs = storage_location(cfg.checkpoint.storage_path, cfg.storage)
-    storage_label = cfg.checkpoint.storage_path.rstrip("/") + "/" + cfg.run_name
+    storage_label = redact_url(cfg.checkpoint.storage_path.rstrip("/") + "/" + cfg.run_name)
     if not cfg.checkpoint.resume:
         _refuse_existing_run(storage_path, storage_fs, cfg)
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -74,11 +85,18 @@ def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | 
                        identity=run_identity(cfg.run_name, storage_label), run_name=cfg.run_name,
                        resume=cfg.checkpoint.resume, parent_run_id=parent_run_id, tags=tags,
                        enabled=cfg.mlflow.enabled)
-    tracker.log_params(flatten(cfg))
-    tracker.log_dict(to_dict(cfg), "config.json")
-    tracker.set_tags({"data.train_url": train_url, "git_commit": git_commit(), "precision": precision,
-                      "use_gpu": use_gpu, **(tags or {})})
+    log_config(tracker, cfg, train_url=train_url, precision=precision, use_gpu=use_gpu, tags=tags)
     return Launch(use_gpu, precision, storage_path, storage_fs, storage_label, tracking_uri, tracker)
+
+
+def log_config(tracker: Tracker, cfg: TrainingJobConfig, *, train_url: str, precision: str, use_gpu: bool,
+               tags: dict[str, str] | None = None) -> None:
+    """The run's config as params and ``config.json``, and its lineage as tags, with URLs
+    stripped of any ``user:password@`` (MLflow shows all of it to every reader)."""
+    tracker.log_params(flatten(cfg, redact=True))
+    tracker.log_dict(redacted(cfg), "config.json")
+    tracker.set_tags({"data.train_url": redact_url(train_url), "git_commit": git_commit(), "precision": precision,
+                      "use_gpu": use_gpu, **(tags or {})})
 
 
 def run_identity(run_name: str, storage_label: str) -> dict[str, str]:
@@ -108,7 +126,7 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
         ),
     )
     log.info("launching %d %s worker(s); checkpoints under %s; MLflow %s run %s", cfg.dist.num_workers,
-             "GPU" if launch.use_gpu else "CPU", launch.storage_label, launch.tracking_uri, launch.run_id)
+             "GPU" if launch.use_gpu else "CPU", launch.storage_label, redact_url(launch.tracking_uri), launch.run_id)
     return trainer.fit()
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.config import PretrainConfig, to_dict
+from service.config import PretrainConfig, redact_url, redacted
 from service.training.launch import absolute_url, fit_workers, open_launch
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ def run_pretraining(
     train_set = data_lib.open_dataset(train_url, cfg.storage)  # a missing bucket fails here, not in a worker
     if val_url:
         data_lib.open_dataset(val_url, cfg.storage)
-    log.info("data: %s (%d samples in %d shards)%s", train_url, train_set.num_samples, train_set.num_shards,
-             f", validation {val_url}" if val_url else "")
+    log.info("data: %s (%d samples in %d shards)%s", redact_url(train_url), train_set.num_samples,
+             train_set.num_shards, f", validation {redact_url(val_url)}" if val_url else "")
 
     launch = open_launch(cfg, train_url=train_url, parent_run_id=parent_run_id, tags=tags)
     loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url)
@@ -87,13 +87,13 @@ def register_checkpoint(cfg: PretrainConfig, checkpoint: Any, tracking_uri: str,
     def export(folder: Path, tmp: Path) -> Path:
         model_dir = export_checkpoint(folder, _model_config(cfg), tmp / "convmae")
         write_metadata(model_dir, {"preset": cfg.model.name, "run_name": cfg.run_name,
-                                   "train_url": train_url, "config": to_dict(cfg)})
+                                   "train_url": redact_url(train_url), "config": redacted(cfg)})
         return model_dir
 
     return register_checkpoint_once(
         checkpoint, export, tracking_uri=tracking_uri, run_id=run_id,
         registered_name=cfg.mlflow.registered_model_name,
-        tags={"data": train_url, "git_commit": git_commit(), "preset": cfg.model.name, "run_name": cfg.run_name},
+        tags={"data": redact_url(train_url), "git_commit": git_commit(), "preset": cfg.model.name, "run_name": cfg.run_name},
         metadata={"preset": cfg.model.name},
     )
 

@@ -28,6 +28,8 @@ from service.config import (
     TuneJobConfig,
     flatten,
     from_dict,
+    redact_url,
+    redacted,
     to_dict,
     with_overrides,
 )
@@ -51,10 +53,12 @@ def _run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from service.runtime.credentials import adopt_credentials
     from service.training.pretrain import run_pretraining
 
-    # The driver's S3, MLflow client and test settings, as run_pretraining forwards them to workers.
+    # The sweep driver's settings and credentials, as run_pretraining hands them to its workers.
     os.environ.update(context["env"])
+    adopt_credentials(context.get("credentials"))
     trial_id = tune.get_context().get_trial_id()
     base = from_dict(PretrainConfig, context["base"])
     cfg = with_overrides(base, {**params, "run_name": trial_run_name(context["sweep_name"], trial_id)})
@@ -110,6 +114,7 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
         resolve_precision,
         resolve_use_gpu,
     )
+    from service.runtime.credentials import share_credentials
     from service.tracking import resolve_tracking_uri
     from service.training.launch import absolute_url, storage_location
 
@@ -148,7 +153,7 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
 
     storage_path, storage_fs = storage_location(cfg.sweep.storage_path, cfg.storage)
     experiment_path = _join(storage_path, cfg.sweep.name)
-    storage_label = _join(cfg.sweep.storage_path.rstrip("/"), cfg.sweep.name)
+    storage_label = redact_url(_join(cfg.sweep.storage_path.rstrip("/"), cfg.sweep.name))
     parent = open_parent_run(cfg, tracking_uri, storage_label, dims, metric, mode)
     parent_run_id = parent.run_id if parent.enabled else None
 
@@ -157,7 +162,8 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, context={"base": to_dict(base), "sweep_name": cfg.sweep.name,
-                                                  "parent_run_id": parent_run_id, "env": forwarded_env()}),
+                                                  "parent_run_id": parent_run_id, "env": forwarded_env(),
+                                                  "credentials": share_credentials()}),
         {"cpu": cfg.sweep.driver_cpus},
     )
     restoring = cfg.sweep.resume and tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs)
@@ -295,9 +301,10 @@ def open_parent_run(cfg: TuneJobConfig, tracking_uri: str, storage_label: str, d
                       run_name=cfg.sweep.name, resume=True, tags={"convmae.kind": "sweep"},
                       enabled=cfg.mlflow.enabled)
     parent.log_params({**{f"space.{d.key}": cfg.sweep.space[d.key] for d in dims},
-                       **{f"sweep.{k}": v for k, v in flatten(cfg.sweep).items() if not k.startswith("space.")},
+                       **{f"sweep.{k}": v for k, v in flatten(cfg.sweep, redact=True).items()
+                          if not k.startswith("space.")},
                        "objective": metric, "mode": mode})
-    parent.log_dict(to_dict(cfg), "sweep_config.json")
+    parent.log_dict(redacted(cfg), "sweep_config.json")
     return parent
 
 
