@@ -32,9 +32,11 @@ from service.runtime.cluster import (
 from service.runtime.credentials import share_credentials
 from service.tracking import Tracker, open_run, resolve_tracking_uri
 from service.tracking.registry import git_commit
+from service.training.lease import LEASE_FILES, RunLease
 
 log = logging.getLogger(__name__)
 
+LEASE_FILE_PREFIXES = tuple(LEASE_FILES)  # the lease, its lock and its files being written
 RUN_NAME_TAG = "convmae.run_name"
 STORAGE_TAG = "convmae.storage_path"
 
@@ -47,6 +49,12 @@ class Launch:
     storage_label: str  # checkpoint.storage_path/run_name as users wrote it, less any user:password@
     tracking_uri: str
     tracker: Tracker  # the job's MLflow run (disabled when MLflow is off or down)
+    lease: RunLease | None = None  # this driver's hold on the run's storage (None: its sweep holds one)
+
+    def release(self) -> None:
+        """Gives up the run's lease; drivers call it when the run ends, also on failure."""
+        if self.lease is not None:
+            self.lease.release()
 
     @property
     def run_id(self) -> str | None:
@@ -70,23 +78,36 @@ class Launch:
 
 
 def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | None = None,
-                tags: dict[str, str] | None = None) -> Launch:
-    """Connects to (or starts) Ray, resolves devices and precision, checks the run's storage,
-    and opens (or, when resuming, reopens) its MLflow run with the config logged."""
-    connect_ray(cfg.dist.ray_address)
-    use_gpu = resolve_use_gpu(cfg)
-    precision = resolve_precision(cfg, use_gpu)
+                tags: dict[str, str] | None = None, hold_lease: bool = True) -> Launch:
+    """Takes the run's lease (``hold_lease``; a second driver of the same run stops here, before
+    any Ray work), checks the run's storage, connects to (or starts) Ray, resolves devices and
+    precision, and opens (or, when resuming, reopens) its MLflow run with the config logged.
+
+    The caller releases the lease (``Launch.release``) when the run ends, whatever the outcome.
+    """
     storage_path, storage_fs = storage_location(cfg.checkpoint.storage_path, cfg.storage)
     storage_label = redact_url(cfg.checkpoint.storage_path.rstrip("/") + "/" + cfg.run_name)
-    if not cfg.checkpoint.resume:
-        _refuse_existing_run(storage_path, storage_fs, cfg)
-    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    tracker = open_run(tracking_uri, cfg.mlflow.experiment,
-                       identity=run_identity(cfg.run_name, storage_label), run_name=cfg.run_name,
-                       resume=cfg.checkpoint.resume, parent_run_id=parent_run_id, tags=tags,
-                       enabled=cfg.mlflow.enabled)
-    log_config(tracker, cfg, train_url=train_url, precision=precision, use_gpu=use_gpu, tags=tags)
-    return Launch(use_gpu, precision, storage_path, storage_fs, storage_label, tracking_uri, tracker)
+    lease = None
+    if hold_lease:
+        lease = RunLease(cfg.checkpoint.storage_path, cfg.run_name, cfg.storage,
+                         timeout_s=cfg.checkpoint.lease_timeout_s).acquire()
+    try:
+        if not cfg.checkpoint.resume:
+            _refuse_existing_run(storage_path, storage_fs, cfg)
+        connect_ray(cfg.dist.ray_address)
+        use_gpu = resolve_use_gpu(cfg)
+        precision = resolve_precision(cfg, use_gpu)
+        tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        tracker = open_run(tracking_uri, cfg.mlflow.experiment,
+                           identity=run_identity(cfg.run_name, storage_label), run_name=cfg.run_name,
+                           resume=cfg.checkpoint.resume, parent_run_id=parent_run_id, tags=tags,
+                           enabled=cfg.mlflow.enabled)
+        log_config(tracker, cfg, train_url=train_url, precision=precision, use_gpu=use_gpu, tags=tags)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    return Launch(use_gpu, precision, storage_path, storage_fs, storage_label, tracking_uri, tracker, lease)
 
 
 def log_config(tracker: Tracker, cfg: TrainingJobConfig, *, train_url: str, precision: str, use_gpu: bool,
@@ -175,8 +196,12 @@ def _refuse_existing_run(storage_path: str, storage_fs: Any, cfg: TrainingJobCon
     import pyarrow.fs
 
     fs = storage_fs or pyarrow.fs.LocalFileSystem()
-    info = fs.get_file_info(f"{storage_path}/{cfg.run_name}")
-    if info.type != pyarrow.fs.FileType.NotFound:
+    folder = f"{storage_path}/{cfg.run_name}"
+    if fs.get_file_info(folder).type == pyarrow.fs.FileType.NotFound:
+        return
+    # The run's own lease (taken just before) does not make it a run with checkpoints.
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    if any(not e.base_name.startswith(LEASE_FILE_PREFIXES) for e in entries):
         raise ConfigError(
             f"run_name={cfg.run_name!r} already has checkpoints under {cfg.checkpoint.storage_path}; "
             "choose a new run_name, or set checkpoint.resume=true to continue it"

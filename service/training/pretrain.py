@@ -37,8 +37,12 @@ def run_pretraining(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     callbacks: list[Any] | None = None,
+    hold_lease: bool = True,
 ) -> PretrainResult:
-    """Trains ``cfg`` on the Ray cluster (local when none is given) and registers the model."""
+    """Trains ``cfg`` on the Ray cluster (local when none is given) and registers the model.
+
+    ``hold_lease=False``: the caller already holds a lease covering this run (a sweep's trials).
+    """
     from service import data as data_lib
     from service.training.pretrain_worker import train_worker
 
@@ -50,17 +54,20 @@ def run_pretraining(
     log.info("data: %s (%d samples in %d shards)%s", redact_url(train_url), train_set.num_samples,
              train_set.num_shards, f", validation {redact_url(val_url)}" if val_url else "")
 
-    launch = open_launch(cfg, train_url=train_url, parent_run_id=parent_run_id, tags=tags)
-    loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url)
-    result = fit_workers(train_worker, loop_config, cfg, launch, callbacks)
-    checkpoint = result.checkpoint
-    metrics = dict(result.metrics or {})
+    launch = open_launch(cfg, train_url=train_url, parent_run_id=parent_run_id, tags=tags, hold_lease=hold_lease)
+    try:
+        loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url)
+        result = fit_workers(train_worker, loop_config, cfg, launch, callbacks)
+        checkpoint = result.checkpoint
+        metrics = dict(result.metrics or {})
 
-    registered_uri = model_uri = None
-    if checkpoint is not None and launch.run_id is not None and cfg.mlflow.register:
-        registered = register_checkpoint(cfg, checkpoint, launch.tracking_uri, launch.run_id, train_url)
-        registered_uri, model_uri = registered["registered_uri"], registered["model_uri"]
-    launch.tracker.finish("FINISHED")
+        registered_uri = model_uri = None
+        if checkpoint is not None and launch.run_id is not None and cfg.mlflow.register:
+            registered = register_checkpoint(cfg, checkpoint, launch.tracking_uri, launch.run_id, train_url)
+            registered_uri, model_uri = registered["registered_uri"], registered["model_uri"]
+        launch.tracker.finish("FINISHED")
+    finally:
+        launch.release()
     return PretrainResult(
         run_name=cfg.run_name,
         storage_path=launch.storage_label,

@@ -67,6 +67,7 @@ def _run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
         parent_run_id=context["parent_run_id"],
         tags={SWEEP_TAG: context["sweep_name"], TRIAL_TAG: trial_id},
         callbacks=[TuneReportCallback()],
+        hold_lease=False,  # the sweep's driver holds the lease of the whole sweep folder
     )
 
 
@@ -105,18 +106,10 @@ class SweepResult:
 
 def run_sweep(cfg: TuneJobConfig) -> SweepResult:
     """Runs (or resumes) the sweep, registers the best trial's model and returns the summary."""
-    from ray import tune
-
     from service import data as data_lib
-    from service.runtime.cluster import (
-        connect_ray,
-        forwarded_env,
-        resolve_precision,
-        resolve_use_gpu,
-    )
-    from service.runtime.credentials import share_credentials
     from service.tracking import resolve_tracking_uri
-    from service.training.launch import absolute_url, storage_location
+    from service.training.launch import absolute_url
+    from service.training.lease import RunLease
 
     cfg.validate()
     dims = parse_space(cfg)
@@ -138,6 +131,26 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
         "checkpoint.resume": True,  # a resumed sweep continues its unfinished trials
         "checkpoint.storage_path": _join(absolute_url(cfg.sweep.storage_path), cfg.sweep.name, "train_runs"),
     })
+
+    # One driver per sweep: it is the writer of its trials' runs too, which hold no lease of their own.
+    with RunLease(cfg.sweep.storage_path, cfg.sweep.name, cfg.storage, timeout_s=cfg.checkpoint.lease_timeout_s,
+                  what="sweep.name"):
+        return _run_sweep(cfg, dims, base, train_url, tracking_uri, metric, mode)
+
+
+def _run_sweep(cfg: TuneJobConfig, dims: list[Dimension], base: PretrainConfig, train_url: str, tracking_uri: str,
+               metric: str, mode: str) -> SweepResult:
+    """``run_sweep`` once its config, data and objective are checked and its lease is held."""
+    from ray import tune
+
+    from service.runtime.cluster import (
+        connect_ray,
+        forwarded_env,
+        resolve_precision,
+        resolve_use_gpu,
+    )
+    from service.runtime.credentials import share_credentials
+    from service.training.launch import absolute_url, storage_location
 
     connect_ray(cfg.dist.ray_address)
     use_gpu = resolve_use_gpu(base)

@@ -56,6 +56,7 @@ def test_a_planted_secret_reaches_no_ray_log_mlflow_store_or_checkpoint(ray_clus
     assert list(session_dir.glob("logs/runtime_env_agent*.log")), "no runtime env log to search"
     stored = [p for p in fs.find(bucket) if "/runs/" in p]
     assert any("checkpoint_" in p for p in stored)
+    assert not [p for p in stored if ".convmae-lease" in p]  # the run released its lease
     for needle in (secret.encode(), token.encode()):
         leaks = files_containing(session_dir, needle) + files_containing(tmp_path, needle)  # tmp_path: MLflow store
         leaks += [f"s3://{p}" for p in stored if needle in fs.cat_file(p)]
