@@ -67,6 +67,17 @@ def test_workers_get_the_drivers_credentials_through_the_object_store(ray_cluste
     import ray
 
     from service.runtime.credentials import adopt_credentials, share_credentials
+    from tests.fixtures.s3 import FAKE_ENV
+
+    @ray.remote(num_cpus=0)
+    def inherited() -> str | None:
+        import os
+
+        return os.environ.get("AWS_SECRET_ACCESS_KEY")
+
+    # A local cluster's processes inherit the environment of the driver that started it (the
+    # session's Ray started after the S3 fixture set its credentials), with nothing shared.
+    assert ray.get(inherited.remote()) == FAKE_ENV["AWS_SECRET_ACCESS_KEY"]
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "driver-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "driver-secret")
