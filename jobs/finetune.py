@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from service.cli import run_job  # noqa: E402
-from service.config import FinetuneConfig  # noqa: E402
+from service.config import FinetuneConfig, redact_url  # noqa: E402
 
 
 def _finetune(config: FinetuneConfig):
@@ -34,7 +34,7 @@ def _report(result, config: FinetuneConfig) -> int:
     if end is not None:
         print(f"val top-1: {end:.4f}" + (f" (before fine-tuning: {start:.4f})" if start is not None else ""))
     if result.registered_uri:
-        print(f"registered model: {result.registered_uri} (MLflow {result.tracking_uri})")
+        print(f"registered model: {result.registered_uri} (MLflow {redact_url(result.tracking_uri)})")
     return 0
 
 

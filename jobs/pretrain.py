@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from service.cli import run_job  # noqa: E402
-from service.config import PretrainConfig  # noqa: E402
+from service.config import PretrainConfig, redact_url  # noqa: E402
 
 
 def _train(config: PretrainConfig):
@@ -28,7 +28,7 @@ def _report(result, config: PretrainConfig) -> int:
     print(f"run {result.run_name}: checkpoint {result.checkpoint_path}")
     print(f"metrics: {result.metrics}")
     if result.registered_uri:
-        print(f"registered model: {result.registered_uri} (MLflow {result.tracking_uri})")
+        print(f"registered model: {result.registered_uri} (MLflow {redact_url(result.tracking_uri)})")
     return 0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from service.cli import run_job  # noqa: E402
-from service.config import TuneJobConfig  # noqa: E402
+from service.config import TuneJobConfig, redact_url  # noqa: E402
 
 
 def _sweep(config: TuneJobConfig):
@@ -38,7 +38,7 @@ def _report(result, config: TuneJobConfig) -> int:
     if result.best is not None:
         print(f"best trial {result.best.trial_id}: {result.metric}={result.best.objective:.4f} {result.best.params}")
     if result.registered_uri:
-        print(f"best model: {result.registered_uri} (MLflow {result.tracking_uri})")
+        print(f"best model: {result.registered_uri} (MLflow {redact_url(result.tracking_uri)})")
     return 0 if result.best is not None else 1
 
 

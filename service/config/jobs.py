@@ -291,6 +291,8 @@ def validate_run(cfg: TrainingJobConfig) -> None:
           g.offload_optimizer, "true only with dist.zero_stage >= 1")
     check(c.every_steps >= 1, "checkpoint.every_steps", c.every_steps, ">= 1")
     check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, ">= 1")
+    check(c.lease_timeout_s >= 10, "checkpoint.lease_timeout_s", c.lease_timeout_s,
+          ">= 10 (seconds; it is renewed every fifth of it)")
     check(bool(c.storage_path), "checkpoint.storage_path", c.storage_path, "a local path or URL")
     check_path_component("run_name", cfg.run_name, RUN_NAME_MAX)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -152,8 +153,31 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
-def flatten(config: Any) -> dict[str, Any]:
-    """``{'train.lr': 1e-4, ...}``: the dotted keys used by the CLI, Tune and MLflow params."""
+def redact_url(url: str) -> str:
+    """The URL without any ``user:password@`` part, for messages and logs."""
+    return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]*@", r"\1", url)
+
+
+def redacted(config: Any) -> dict[str, Any]:
+    """``to_dict(config)`` for showing or logging: URLs without ``user:password@``.
+
+    Credentials are never config, but an endpoint or tracking URL may carry them as given."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, str):
+            return redact_url(v)
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+
+    return clean(to_dict(config))
+
+
+def flatten(config: Any, *, redact: bool = False) -> dict[str, Any]:
+    """``{'train.lr': 1e-4, ...}``: the dotted keys used by the CLI, Tune and MLflow params
+    (``redact``: URLs without ``user:password@``, for logging)."""
     out: dict[str, Any] = {}
 
     def walk(d: Mapping[str, Any], prefix: str) -> None:
@@ -163,7 +187,7 @@ def flatten(config: Any) -> dict[str, Any]:
             else:
                 out[prefix + k] = v
 
-    walk(to_dict(config), "")
+    walk(redacted(config) if redact else to_dict(config), "")
     return out
 
 
@@ -262,7 +286,8 @@ def _read_yaml(path: Path) -> Any:
 
 
 def dump_yaml(config: Any) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
+    """The config as YAML to show (``--print-config``): URLs without ``user:password@``."""
+    return yaml.safe_dump(redacted(config), sort_keys=False)
 
 
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:

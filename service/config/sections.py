@@ -111,7 +111,9 @@ class DistributedConfig:
     compile: bool | None = None  # torch.compile the model; None: on with GPUs (CPU compiles take minutes)
     offload_optimizer: bool = False
     max_failures: int = 0
-    ray_address: str | None = None  # None: connect to RAY_ADDRESS or start a local cluster
+    # None: join RAY_ADDRESS if set, else start a new local cluster on 127.0.0.1 (never one
+    # merely found running on the machine); "local" forces the latter.
+    ray_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,10 @@ class CheckpointConfig:
     every_steps: int = 50
     keep_last: int = 2
     resume: bool = True  # continue from the latest checkpoint of the same run name
+    # One writer per run: a run's lease (service.training.lease) whose holder stopped renewing
+    # it for this long is taken over by the next run of that name (at once when the holder's
+    # process is seen gone on the same machine).
+    lease_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)

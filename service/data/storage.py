@@ -12,7 +12,6 @@ import logging
 import os
 import posixpath
 import random
-import re
 import tarfile
 import time
 import uuid
@@ -22,7 +21,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from service.config import StorageConfig
+from service.config import StorageConfig, redact_url
 from service.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -87,11 +86,6 @@ def protocol_of(url: str) -> str:
     """``s3://b/p`` -> ``s3``; a plain path -> ``file``."""
     protocol = fsspec.core.split_protocol(url)[0]
     return protocol or "file"
-
-
-def redact_url(url: str) -> str:
-    """The URL without any ``user:password@`` part, for messages and logs."""
-    return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]*@", r"\1", url)
 
 
 def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

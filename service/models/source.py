@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from convmae import ConvMAE, ConvMAEBackbone, ConvMAEConfig
+from service.config import redact_url
 from service.runtime.engine import ENGINE_STATE_DIR, consolidated_state_dict, has_engine_state
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class ModelSource:
         arch = "ConvMAE" if self.is_pretraining_model else "ConvMAEBackbone"
         size = f"img_size {self.config.img_size}, dims {list(self.config.embed_dims)}"
         run = f", MLflow run {self.run_id}" if self.run_id else ""
-        return f"{self.uri} ({self.kind}: {arch}, {size}{run})"
+        return f"{redact_url(self.uri)} ({self.kind}: {arch}, {size}{run})"
 
 
 def load_model_source(

@@ -9,34 +9,44 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from service.config import ConfigError, TrainingJobConfig
+from service.config import ConfigError, TrainingJobConfig, redact_url
+from service.runtime.credentials import is_secret_env
 
 log = logging.getLogger(__name__)
 
 # The checkout this package runs from: Ray processes started from here import it even when it
 # is not pip-installed.
 PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+# A local run's cluster is reachable from this machine only.
+LOOPBACK = "127.0.0.1"
 
 
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Joins the cluster at ``address`` / ``RAY_ADDRESS``, or starts a local one on this machine."""
+    """Joins the cluster at ``address`` / ``RAY_ADDRESS``, or starts a local one on this machine.
+
+    Without an address a run always starts its own cluster: Ray's own default would join
+    whatever cluster ``/tmp/ray/ray_current_cluster`` names (another user's, or one that is gone).
+    ``address="local"`` means the same.
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": True}
-    if address:
+    if address and address != "local":
         ray.init(address=address, **kwargs)
     else:
         _start_local_ray(num_cpus, kwargs)
 
 
 def _start_local_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
-    """A local cluster whose own actors can find it.
+    """A local cluster of this process only: on loopback, found by its own actors.
 
     Ray Train frees the worker placement group of a trial that Tune stops early through the
     state API (served by the dashboard) at the address the actor finds by itself, which fails
@@ -49,21 +59,47 @@ def _start_local_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
     import ray
 
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         port = sock.getsockname()[1]
     env = {
         "PYTHONPATH": with_project_on_path(),
-        "RAY_ADDRESS": f"127.0.0.1:{port}",
+        "RAY_ADDRESS": f"{LOOPBACK}:{port}",
     }
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env}, **kwargs)
+        with _loopback_node_ip():
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK,
+                     _node_ip_address=LOOPBACK, runtime_env={"env_vars": env}, **kwargs)
     finally:
         if previous is None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = previous
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:  # a Ray that resolves loopback differently: say so rather than pretend
+        log.warning("the local Ray cluster runs on %s, not %s: its ports may be reachable from the network",
+                    node_ip, LOOPBACK)
+
+
+@contextmanager
+def _loopback_node_ip() -> Iterator[None]:
+    """Lets ``ray.init`` keep 127.0.0.1 as the node address.
+
+    Ray's servers (GCS, raylet, workers, agents) listen on loopback only when the node address
+    is 127.0.0.1, but on Linux ``ray.init`` replaces a loopback ``_node_ip_address`` by the
+    machine's outward address, unless Ray clusters are disabled (its macOS/Windows mode, the
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` flag, read once when Ray is imported). A local run
+    is a one-node cluster, so the flag is lowered for the start-up only.
+    """
+    from ray._private import ray_constants
+
+    previous = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
 
 
 def cluster_has_gpus() -> bool:
@@ -103,17 +139,20 @@ def scaling_config(cfg: TrainingJobConfig, use_gpu: bool):
     return ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
 
 
-
-
 def with_project_on_path() -> str:
     """``PYTHONPATH`` with this checkout first."""
     return os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH", "")) if p)
 
 
 def forwarded_env() -> dict[str, str]:
-    """The driver's object-store, MLflow client and chaos-testing settings, which the processes
-    it starts (workers, Tune trials) inherit."""
-    return {k: v for k, v in os.environ.items() if k.startswith(("CONVMAE_", "MLFLOW_HTTP_", "AWS_"))}
+    """The driver's settings its workers and Tune trials get in their runtime env: object-store
+    endpoint and region, MLflow client settings, chaos-testing switches.
+
+    Never credentials: Ray logs runtime envs in plain text (``service.runtime.credentials`` says
+    how workers get those). URLs lose any ``user:password@`` for the same reason.
+    """
+    return {k: redact_url(v) for k, v in os.environ.items()
+            if k.startswith(("CONVMAE_", "MLFLOW_HTTP_", "AWS_")) and not is_secret_env(k)}
 
 
 def worker_runtime_env() -> dict[str, Any]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.config import ConfigError, FinetuneConfig, to_dict
+from service.config import ConfigError, FinetuneConfig, redact_url, redacted
 from service.tracking import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -66,24 +66,27 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
                                preset=cfg.model_preset or None, seed=cfg.train.seed,
                                storage_options=data_lib.storage_options(cfg.storage))
     model_config = source.config.replace(img_size=cfg.img_size or source.config.img_size)
-    log.info("fine-tuning %s on %s (%d samples, %d classes)%s", source.describe(), train_url,
-             train_set.num_samples, num_classes, f", validation {val_url}" if val_url else "")
+    log.info("fine-tuning %s on %s (%d samples, %d classes)%s", source.describe(), redact_url(train_url),
+             train_set.num_samples, num_classes, f", validation {redact_url(val_url)}" if val_url else "")
 
-    lineage = {"convmae.source_model": cfg.model, "convmae.source_run_id": source.run_id or ""}
+    lineage = {"convmae.source_model": redact_url(cfg.model), "convmae.source_run_id": source.run_id or ""}
     launch = open_launch(cfg, train_url=train_url, tags=lineage)
-    launch.tracker.log_params({"num_classes_resolved": num_classes, "img_size_resolved": model_config.img_size})
-    # Workers get the pretrained weights through the object store: one download, on the driver.
-    init_weights = ray.put({k: v.detach().cpu() for k, v in source.model.state_dict().items()})
-    loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url, num_classes=num_classes,
-                                     model_config=model_config.to_dict(), init_weights=init_weights)
-    result = fit_workers(finetune_worker, loop_config, cfg, launch, callbacks)
-    checkpoint, run_id = result.checkpoint, launch.run_id
+    try:
+        launch.tracker.log_params({"num_classes_resolved": num_classes, "img_size_resolved": model_config.img_size})
+        # Workers get the pretrained weights through the object store: one download, on the driver.
+        init_weights = ray.put({k: v.detach().cpu() for k, v in source.model.state_dict().items()})
+        loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url, num_classes=num_classes,
+                                         model_config=model_config.to_dict(), init_weights=init_weights)
+        result = fit_workers(finetune_worker, loop_config, cfg, launch, callbacks)
+        checkpoint, run_id = result.checkpoint, launch.run_id
 
-    registered: dict[str, str | None] = {"registered_uri": None, "model_uri": None}
-    if checkpoint is not None and run_id is not None and cfg.mlflow.register:
-        registered = _register(cfg, checkpoint, model_config, num_classes, train_set.class_names,
-                               launch.tracking_uri, run_id, train_url, source)
-    launch.tracker.finish("FINISHED")
+        registered: dict[str, str | None] = {"registered_uri": None, "model_uri": None}
+        if checkpoint is not None and run_id is not None and cfg.mlflow.register:
+            registered = _register(cfg, checkpoint, model_config, num_classes, train_set.class_names,
+                                   launch.tracking_uri, run_id, train_url, source)
+        launch.tracker.finish("FINISHED")
+    finally:
+        launch.release()
     return FinetuneResult(
         run_name=cfg.run_name,
         checkpoint_path=checkpoint.path if checkpoint is not None else None,
@@ -113,15 +116,15 @@ def _register(cfg: FinetuneConfig, checkpoint: Any, model_config: Any, num_class
         classifier = ConvMAEBackbone(model_config, num_classes=num_classes, global_pool=cfg.global_pool)
         model_dir = export_checkpoint(folder, model_config.to_dict(), tmp / "convmae", model=classifier)
         write_metadata(model_dir, {"task": "classification", "num_classes": num_classes,
-                                   "class_names": list(class_names), "source_model": cfg.model,
+                                   "class_names": list(class_names), "source_model": redact_url(cfg.model),
                                    "source_run_id": source.run_id, "run_name": cfg.run_name,
-                                   "train_url": train_url, "config": to_dict(cfg)})
+                                   "train_url": redact_url(train_url), "config": redacted(cfg)})
         return model_dir
 
     return register_checkpoint_once(
         checkpoint, export, tracking_uri=tracking_uri, run_id=run_id,
         registered_name=cfg.mlflow.registered_model_name,
-        tags={"data": train_url, "git_commit": git_commit(), "task": "classification",
-              "source_model": cfg.model, "num_classes": str(num_classes), "run_name": cfg.run_name},
+        tags={"data": redact_url(train_url), "git_commit": git_commit(), "task": "classification",
+              "source_model": redact_url(cfg.model), "num_classes": str(num_classes), "run_name": cfg.run_name},
         metadata={"task": "classification", "num_classes": num_classes}, what="classifier",
     )

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from service.config import FinetuneConfig, from_dict
+from service.runtime.credentials import adopt_credentials
 from service.runtime.optim import layer_decay_param_groups
 from service.runtime.worker import worker_context
 from service.training.loop import (
@@ -46,6 +47,8 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
     from service.evaluation.metrics import classification_metrics
 
     configure_worker_logging()
+    # First: the data, checkpoint and MLflow clients below read them from the environment.
+    adopt_credentials(loop_config.get("credentials"))
     cfg = from_dict(FinetuneConfig, loop_config["config"])
     t = cfg.train
     num_classes = loop_config["num_classes"]

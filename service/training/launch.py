@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.config import ConfigError, StorageConfig, TrainingJobConfig, flatten, to_dict
+from service.config import (
+    ConfigError,
+    StorageConfig,
+    TrainingJobConfig,
+    flatten,
+    redact_url,
+    redacted,
+    to_dict,
+)
 from service.runtime.cluster import (
     connect_ray,
     resolve_precision,
@@ -21,11 +29,14 @@ from service.runtime.cluster import (
     scaling_config,
     worker_runtime_env,
 )
+from service.runtime.credentials import share_credentials
 from service.tracking import Tracker, open_run, resolve_tracking_uri
 from service.tracking.registry import git_commit
+from service.training.lease import LEASE_FILES, RunLease
 
 log = logging.getLogger(__name__)
 
+LEASE_FILE_PREFIXES = tuple(LEASE_FILES)  # the lease, its lock and its files being written
 RUN_NAME_TAG = "convmae.run_name"
 STORAGE_TAG = "convmae.storage_path"
 
@@ -36,16 +47,23 @@ class Launch:
     compile_model: bool  # resolved dist.compile
     storage_path: str  # for Ray's RunConfig (a local path, or a path inside storage_fs)
     storage_fs: Any  # pyarrow filesystem for object storage, None for local paths
-    storage_label: str  # checkpoint.storage_path/run_name, as users wrote it
+    storage_label: str  # checkpoint.storage_path/run_name as users wrote it, less any user:password@
     tracking_uri: str
     tracker: Tracker  # the job's MLflow run (disabled when MLflow is off or down)
+    lease: RunLease | None = None  # this driver's hold on the run's storage (None: its sweep holds one)
+
+    def release(self) -> None:
+        """Gives up the run's lease; drivers call it when the run ends, also on failure."""
+        if self.lease is not None:
+            self.lease.release()
 
     @property
     def run_id(self) -> str | None:
         return self.tracker.run_id if self.tracker.enabled else None
 
     def loop_config(self, cfg: TrainingJobConfig, *, train_url: str, val_url: str | None, **extra: Any) -> dict[str, Any]:
-        """What every worker gets: the config, devices, base lr, data URLs, MLflow run, plus ``extra``."""
+        """What every worker gets: the config, devices, base lr, data URLs, MLflow run, a reference
+        to the driver's credentials (``service.runtime.credentials``), plus ``extra``."""
         return {
             "config": to_dict(cfg),
             "use_gpu": self.use_gpu,
@@ -56,35 +74,58 @@ class Launch:
             "val_url": val_url,
             "tracking_uri": self.tracking_uri,
             "mlflow_run_id": self.run_id,
+            "credentials": share_credentials(),
             **extra,
         }
 
 
 def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | None = None,
-                tags: dict[str, str] | None = None) -> Launch:
-    """Connects to (or starts) Ray, resolves devices and precision, checks the run's storage,
-    and opens (or, when resuming, reopens) its MLflow run with the config logged."""
+                tags: dict[str, str] | None = None, hold_lease: bool = True) -> Launch:
+    """Checks the run's storage, takes the run's lease (``hold_lease``; a second driver of the
+    same run stops here, before any Ray work), connects to (or starts) Ray, resolves devices and
+    precision, and opens (or, when resuming, reopens) its MLflow run with the config logged.
+
+    The caller releases the lease (``Launch.release``) when the run ends, whatever the outcome.
+    """
     # Storage first: an unreachable or read-only storage_path would otherwise surface only at
     # the first checkpoint, after the cluster started and a run was opened.
     require_writable(cfg.checkpoint.storage_path, cfg.storage, "checkpoint.storage_path")
     storage_path, storage_fs = storage_location(cfg.checkpoint.storage_path, cfg.storage)
-    storage_label = cfg.checkpoint.storage_path.rstrip("/") + "/" + cfg.run_name
-    if not cfg.checkpoint.resume:
-        _refuse_existing_run(storage_path, storage_fs, cfg)
-    connect_ray(cfg.dist.ray_address)
-    use_gpu = resolve_use_gpu(cfg)
-    precision = resolve_precision(cfg, use_gpu)
-    compile_model = cfg.dist.compile if cfg.dist.compile is not None else use_gpu
-    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    tracker = open_run(tracking_uri, cfg.mlflow.experiment,
-                       identity=run_identity(cfg.run_name, storage_label), run_name=cfg.run_name,
-                       resume=cfg.checkpoint.resume, parent_run_id=parent_run_id, tags=tags,
-                       enabled=cfg.mlflow.enabled)
-    tracker.log_params(flatten(cfg))
-    tracker.log_dict(to_dict(cfg), "config.json")
-    tracker.set_tags({"data.train_url": train_url, "git_commit": git_commit(), "precision": precision,
-                      "use_gpu": use_gpu, "compile": compile_model, **(tags or {})})
-    return Launch(use_gpu, precision, compile_model, storage_path, storage_fs, storage_label, tracking_uri, tracker)
+    storage_label = redact_url(cfg.checkpoint.storage_path.rstrip("/") + "/" + cfg.run_name)
+    lease = None
+    if hold_lease:
+        lease = RunLease(cfg.checkpoint.storage_path, cfg.run_name, cfg.storage,
+                         timeout_s=cfg.checkpoint.lease_timeout_s).acquire()
+    try:
+        if not cfg.checkpoint.resume:
+            _refuse_existing_run(storage_path, storage_fs, cfg)
+        connect_ray(cfg.dist.ray_address)
+        use_gpu = resolve_use_gpu(cfg)
+        precision = resolve_precision(cfg, use_gpu)
+        compile_model = cfg.dist.compile if cfg.dist.compile is not None else use_gpu
+        tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        tracker = open_run(tracking_uri, cfg.mlflow.experiment,
+                           identity=run_identity(cfg.run_name, storage_label), run_name=cfg.run_name,
+                           resume=cfg.checkpoint.resume, parent_run_id=parent_run_id, tags=tags,
+                           enabled=cfg.mlflow.enabled)
+        log_config(tracker, cfg, train_url=train_url, precision=precision, use_gpu=use_gpu,
+                   tags={"compile": str(compile_model), **(tags or {})})
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    return Launch(use_gpu, precision, compile_model, storage_path, storage_fs, storage_label, tracking_uri, tracker,
+                  lease)
+
+
+def log_config(tracker: Tracker, cfg: TrainingJobConfig, *, train_url: str, precision: str, use_gpu: bool,
+               tags: dict[str, str] | None = None) -> None:
+    """The run's config as params and ``config.json``, and its lineage as tags, with URLs
+    stripped of any ``user:password@`` (MLflow shows all of it to every reader)."""
+    tracker.log_params(flatten(cfg, redact=True))
+    tracker.log_dict(redacted(cfg), "config.json")
+    tracker.set_tags({"data.train_url": redact_url(train_url), "git_commit": git_commit(), "precision": precision,
+                      "use_gpu": use_gpu, **(tags or {})})
 
 
 def run_identity(run_name: str, storage_label: str) -> dict[str, str]:
@@ -114,7 +155,7 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
         ),
     )
     log.info("launching %d %s worker(s); checkpoints under %s; MLflow %s run %s", cfg.dist.num_workers,
-             "GPU" if launch.use_gpu else "CPU", launch.storage_label, launch.tracking_uri, launch.run_id)
+             "GPU" if launch.use_gpu else "CPU", launch.storage_label, redact_url(launch.tracking_uri), launch.run_id)
     return trainer.fit()
 
 
@@ -172,8 +213,12 @@ def _refuse_existing_run(storage_path: str, storage_fs: Any, cfg: TrainingJobCon
     import pyarrow.fs
 
     fs = storage_fs or pyarrow.fs.LocalFileSystem()
-    info = fs.get_file_info(f"{storage_path}/{cfg.run_name}")
-    if info.type != pyarrow.fs.FileType.NotFound:
+    folder = f"{storage_path}/{cfg.run_name}"
+    if fs.get_file_info(folder).type == pyarrow.fs.FileType.NotFound:
+        return
+    # The run's own lease (taken just before) does not make it a run with checkpoints.
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    if any(not e.base_name.startswith(LEASE_FILE_PREFIXES) for e in entries):
         raise ConfigError(
             f"run_name={cfg.run_name!r} already has checkpoints under {cfg.checkpoint.storage_path}; "
             "choose a new run_name, or set checkpoint.resume=true to continue it"

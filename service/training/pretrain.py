@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.config import PretrainConfig, to_dict
+from service.config import PretrainConfig, redact_url, redacted
 from service.training.launch import absolute_url, fit_workers, open_launch
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,12 @@ def run_pretraining(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     callbacks: list[Any] | None = None,
+    hold_lease: bool = True,
 ) -> PretrainResult:
-    """Trains ``cfg`` on the Ray cluster (local when none is given) and registers the model."""
+    """Trains ``cfg`` on the Ray cluster (local when none is given) and registers the model.
+
+    ``hold_lease=False``: the caller already holds a lease covering this run (a sweep's trials).
+    """
     from service import data as data_lib
     from service.training.pretrain_worker import train_worker
 
@@ -47,20 +51,23 @@ def run_pretraining(
     train_set = data_lib.open_dataset(train_url, cfg.storage)  # a missing bucket fails here, not in a worker
     if val_url:
         data_lib.open_dataset(val_url, cfg.storage)
-    log.info("data: %s (%d samples in %d shards)%s", train_url, train_set.num_samples, train_set.num_shards,
-             f", validation {val_url}" if val_url else "")
+    log.info("data: %s (%d samples in %d shards)%s", redact_url(train_url), train_set.num_samples,
+             train_set.num_shards, f", validation {redact_url(val_url)}" if val_url else "")
 
-    launch = open_launch(cfg, train_url=train_url, parent_run_id=parent_run_id, tags=tags)
-    loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url)
-    result = fit_workers(train_worker, loop_config, cfg, launch, callbacks)
-    checkpoint = result.checkpoint
-    metrics = dict(result.metrics or {})
+    launch = open_launch(cfg, train_url=train_url, parent_run_id=parent_run_id, tags=tags, hold_lease=hold_lease)
+    try:
+        loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url)
+        result = fit_workers(train_worker, loop_config, cfg, launch, callbacks)
+        checkpoint = result.checkpoint
+        metrics = dict(result.metrics or {})
 
-    registered_uri = model_uri = None
-    if checkpoint is not None and launch.run_id is not None and cfg.mlflow.register:
-        registered = register_checkpoint(cfg, checkpoint, launch.tracking_uri, launch.run_id, train_url)
-        registered_uri, model_uri = registered["registered_uri"], registered["model_uri"]
-    launch.tracker.finish("FINISHED")
+        registered_uri = model_uri = None
+        if checkpoint is not None and launch.run_id is not None and cfg.mlflow.register:
+            registered = register_checkpoint(cfg, checkpoint, launch.tracking_uri, launch.run_id, train_url)
+            registered_uri, model_uri = registered["registered_uri"], registered["model_uri"]
+        launch.tracker.finish("FINISHED")
+    finally:
+        launch.release()
     return PretrainResult(
         run_name=cfg.run_name,
         storage_path=launch.storage_label,
@@ -87,13 +94,13 @@ def register_checkpoint(cfg: PretrainConfig, checkpoint: Any, tracking_uri: str,
     def export(folder: Path, tmp: Path) -> Path:
         model_dir = export_checkpoint(folder, _model_config(cfg), tmp / "convmae")
         write_metadata(model_dir, {"preset": cfg.model.name, "run_name": cfg.run_name,
-                                   "train_url": train_url, "config": to_dict(cfg)})
+                                   "train_url": redact_url(train_url), "config": redacted(cfg)})
         return model_dir
 
     return register_checkpoint_once(
         checkpoint, export, tracking_uri=tracking_uri, run_id=run_id,
         registered_name=cfg.mlflow.registered_model_name,
-        tags={"data": train_url, "git_commit": git_commit(), "preset": cfg.model.name, "run_name": cfg.run_name},
+        tags={"data": redact_url(train_url), "git_commit": git_commit(), "preset": cfg.model.name, "run_name": cfg.run_name},
         metadata={"preset": cfg.model.name},
     )
 

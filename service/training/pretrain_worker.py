@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from service.config import PretrainConfig, from_dict
+from service.runtime.credentials import adopt_credentials
 from service.runtime.worker import worker_context
 from service.training.loop import (
     EpochEnd,
@@ -37,6 +38,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from service.evaluation.metrics import validate_during_training
 
     configure_worker_logging()
+    # First: the data, checkpoint and MLflow clients below read them from the environment.
+    adopt_credentials(loop_config.get("credentials"))
     cfg = from_dict(PretrainConfig, loop_config["config"])
     train_url, val_url = loop_config["train_url"], loop_config["val_url"]
     ctx = worker_context()

@@ -28,6 +28,8 @@ from service.config import (
     TuneJobConfig,
     flatten,
     from_dict,
+    redact_url,
+    redacted,
     to_dict,
     with_overrides,
 )
@@ -51,10 +53,12 @@ def _run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from service.runtime.credentials import adopt_credentials
     from service.training.pretrain import run_pretraining
 
-    # The driver's S3, MLflow client and test settings, as run_pretraining forwards them to workers.
+    # The sweep driver's settings and credentials, as run_pretraining hands them to its workers.
     os.environ.update(context["env"])
+    adopt_credentials(context.get("credentials"))
     trial_id = tune.get_context().get_trial_id()
     base = from_dict(PretrainConfig, context["base"])
     cfg = with_overrides(base, {**params, "run_name": trial_run_name(context["sweep_name"], trial_id)})
@@ -63,6 +67,7 @@ def _run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
         parent_run_id=context["parent_run_id"],
         tags={SWEEP_TAG: context["sweep_name"], TRIAL_TAG: trial_id},
         callbacks=[TuneReportCallback()],
+        hold_lease=False,  # the sweep's driver holds the lease of the whole sweep folder
     )
 
 
@@ -101,17 +106,10 @@ class SweepResult:
 
 def run_sweep(cfg: TuneJobConfig) -> SweepResult:
     """Runs (or resumes) the sweep, registers the best trial's model and returns the summary."""
-    from ray import tune
-
     from service import data as data_lib
-    from service.runtime.cluster import (
-        connect_ray,
-        forwarded_env,
-        resolve_precision,
-        resolve_use_gpu,
-    )
     from service.tracking import resolve_tracking_uri
-    from service.training.launch import absolute_url, require_writable, storage_location
+    from service.training.launch import absolute_url, require_writable
+    from service.training.lease import RunLease
 
     cfg.validate()
     dims = parse_space(cfg)
@@ -135,7 +133,26 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
     })
 
     require_writable(cfg.sweep.storage_path, cfg.storage, "sweep.storage_path")
-    storage_path, storage_fs = storage_location(cfg.sweep.storage_path, cfg.storage)
+    # One driver per sweep: it is the writer of its trials' runs too, which hold no lease of their own.
+    with RunLease(cfg.sweep.storage_path, cfg.sweep.name, cfg.storage, timeout_s=cfg.checkpoint.lease_timeout_s,
+                  what="sweep.name"):
+        return _run_sweep(cfg, dims, base, train_url, tracking_uri, metric, mode)
+
+
+def _run_sweep(cfg: TuneJobConfig, dims: list[Dimension], base: PretrainConfig, train_url: str, tracking_uri: str,
+               metric: str, mode: str) -> SweepResult:
+    """``run_sweep`` once its config, data and objective are checked and its lease is held."""
+    from ray import tune
+
+    from service.runtime.cluster import (
+        connect_ray,
+        forwarded_env,
+        resolve_precision,
+        resolve_use_gpu,
+    )
+    from service.runtime.credentials import share_credentials
+    from service.training.launch import absolute_url, storage_location
+
     connect_ray(cfg.dist.ray_address)
     use_gpu = resolve_use_gpu(base)
     resolve_precision(base, use_gpu)
@@ -148,8 +165,9 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
                     per_trial, {k: cluster.get(k, 0.0) for k in per_trial})
     concurrency = concurrent_trials(cfg.sweep.max_concurrent_trials, per_trial, cluster)
 
+    storage_path, storage_fs = storage_location(cfg.sweep.storage_path, cfg.storage)
     experiment_path = _join(storage_path, cfg.sweep.name)
-    storage_label = _join(cfg.sweep.storage_path.rstrip("/"), cfg.sweep.name)
+    storage_label = redact_url(_join(cfg.sweep.storage_path.rstrip("/"), cfg.sweep.name))
     parent = open_parent_run(cfg, tracking_uri, storage_label, dims, metric, mode)
     parent_run_id = parent.run_id if parent.enabled else None
 
@@ -158,7 +176,8 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, context={"base": to_dict(base), "sweep_name": cfg.sweep.name,
-                                                  "parent_run_id": parent_run_id, "env": forwarded_env()}),
+                                                  "parent_run_id": parent_run_id, "env": forwarded_env(),
+                                                  "credentials": share_credentials()}),
         {"cpu": cfg.sweep.driver_cpus},
     )
     restoring = cfg.sweep.resume and tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs)
@@ -296,9 +315,10 @@ def open_parent_run(cfg: TuneJobConfig, tracking_uri: str, storage_label: str, d
                       run_name=cfg.sweep.name, resume=True, tags={"convmae.kind": "sweep"},
                       enabled=cfg.mlflow.enabled)
     parent.log_params({**{f"space.{d.key}": cfg.sweep.space[d.key] for d in dims},
-                       **{f"sweep.{k}": v for k, v in flatten(cfg.sweep).items() if not k.startswith("space.")},
+                       **{f"sweep.{k}": v for k, v in flatten(cfg.sweep, redact=True).items()
+                          if not k.startswith("space.")},
                        "objective": metric, "mode": mode})
-    parent.log_dict(to_dict(cfg), "sweep_config.json")
+    parent.log_dict(redacted(cfg), "sweep_config.json")
     return parent
 
 

@@ -1,0 +1,120 @@
+"""Ray start-up: a local run starts its own Ray, bound to loopback, and never joins a cluster
+it merely found (a stale address file, another user's cluster on the same machine).
+
+Each case runs in a subprocess with its own ``RAY_TMPDIR``: the test session's shared Ray
+(``ray_cluster``) lives in this process, and ``/tmp/ray`` belongs to everyone on the machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.mlflow_server import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Starts a local run's Ray the way the jobs do and reports what it started.
+PROBE = """
+import json, psutil, ray
+from service.runtime.cluster import connect_ray
+
+connect_ray(None, num_cpus=1)
+node = ray._private.worker._global_node
+me = psutil.Process()
+listening = set()
+for proc in [me, *me.children(recursive=True)]:
+    try:
+        listening |= {c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    except psutil.Error:
+        pass
+print("PROBE " + json.dumps({"gcs": node.gcs_address, "listening": sorted(listening),
+                              "nodes": len([n for n in ray.nodes() if n["Alive"]])}))
+ray.shutdown()
+"""
+
+
+@pytest.fixture
+def ray_tmpdir() -> Iterator[Path]:
+    """A private Ray temp dir, short enough for Ray's unix socket paths."""
+    with tempfile.TemporaryDirectory(prefix="rt", dir="/tmp") as tmp:
+        (Path(tmp) / "ray").mkdir()
+        yield Path(tmp)
+
+
+def probe_env(ray_tmpdir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "RAY_TMPDIR": str(ray_tmpdir), "PYTHONPATH": str(ROOT)}
+
+
+def run_probe(ray_tmpdir: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=probe_env(ray_tmpdir), capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("PROBE "))
+    return json.loads(line.removeprefix("PROBE "))
+
+
+def is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
+
+
+def test_a_stale_cluster_address_does_not_break_a_local_start_and_its_ports_are_loopback_only(ray_tmpdir):
+    # What a cluster that is gone leaves behind: `ray start` wrote its address, nothing listens there.
+    stale = f"127.0.0.1:{free_port()}"
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(stale)
+
+    started = run_probe(ray_tmpdir)
+
+    assert started["gcs"] != stale and started["nodes"] == 1
+    assert started["listening"], "found no listening sockets of the started cluster"
+    exposed = [ip for ip in started["listening"] if not is_loopback(ip)]
+    assert not exposed, f"the local cluster listens on non-loopback addresses: {exposed}"
+
+
+@pytest.mark.slow
+def test_a_local_run_does_not_join_another_cluster_running_on_the_machine(ray_tmpdir):
+    import psutil
+
+    port = free_port()
+    other = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", "--num-cpus=1",
+         "--include-dashboard=false", "--block"],
+        env=probe_env(ray_tmpdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address_file = ray_tmpdir / "ray" / "ray_current_cluster"
+        deadline = time.monotonic() + 180
+        while not address_file.exists():
+            assert other.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(0.5)
+        other_address = address_file.read_text().strip()
+
+        started = run_probe(ray_tmpdir)
+
+        assert started["gcs"] != other_address
+        assert started["nodes"] == 1  # its own node only, not the other cluster's
+    finally:
+        # Stop exactly the processes of the cluster this test started, by pid.
+        procs = [other, *psutil.Process(other.pid).children(recursive=True)] if other.poll() is None else []
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+        _, alive = psutil.wait_procs([psutil.Process(p.pid) for p in procs if psutil.pid_exists(p.pid)], timeout=30)
+        for proc in alive:
+            proc.kill()
+        other.wait(timeout=30)
