@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from service.config import PretrainConfig, redacted, with_overrides
-from tests.service.test_pretrain_e2e import tiny_config
+from tests.service.training.test_pretrain_e2e import tiny_config
 
 PASSWORD = "hunter2-url-password"
 ENDPOINT = f"http://minio-user:{PASSWORD}@127.0.0.1:9000"

@@ -158,7 +158,7 @@ def test_a_training_job_is_refused_with_exit_2_naming_the_holder(tmp_path, digit
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("pretrain_job", Path(__file__).parents[2] / "jobs" / "pretrain.py")
+    spec = importlib.util.spec_from_file_location("pretrain_job", Path(__file__).parents[3] / "jobs" / "pretrain.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     monkeypatch.chdir(tmp_path)

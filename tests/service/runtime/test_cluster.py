@@ -22,7 +22,7 @@ import pytest
 
 from tests.fixtures.mlflow_server import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 # Starts a local run's Ray the way the jobs do and reports what it started.
 PROBE = """
