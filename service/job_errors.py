@@ -6,5 +6,7 @@ from convmae import CheckpointMismatchError
 from service.config import ConfigError
 from service.data import DataError
 from service.models.source import ModelSourceError
+from service.runtime.safe_checkpoint import CheckpointError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, ModelSourceError, CheckpointMismatchError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, ModelSourceError, CheckpointMismatchError,
+                                            CheckpointError)

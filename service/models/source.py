@@ -232,7 +232,7 @@ def _from_folder(folder: Path, uri: str, preset: str | None) -> ModelSource:
     if (folder / CONFIG_FILE).exists():
         return ModelSource(model=_load_pretrained(folder, uri), uri=uri, kind="pretrained_dir")
     if has_engine_state(folder):
-        source = from_state_dict(consolidated_state_dict(folder), uri=uri, preset=preset)
+        source = from_state_dict(consolidated_state_dict(folder, label=uri), uri=uri, preset=preset)
         source.kind = "deepspeed"
         return source
     raise ModelSourceError(f"--model {uri!r}: the folder holds neither a save_pretrained model "

@@ -16,6 +16,7 @@ import torch
 
 from service.config import TrainingJobConfig
 from service.runtime.optim import param_groups
+from service.runtime.safe_checkpoint import safe_load, verify_checkpoint, weights_only_loads
 
 # The engine's sub-folder of a checkpoint folder (DeepSpeed's "tag"): Ray Train gives every
 # checkpoint its own folder, so one fixed tag per folder is enough.
@@ -135,8 +136,10 @@ class Engine:
         self.ds_engine.save_checkpoint(str(folder), tag=ENGINE_STATE_DIR, client_state=client_state)
 
     def load(self, folder: str | Path) -> dict[str, Any]:
-        """Restores model and optimizer state from ``folder``; returns the saved client state."""
-        load_path, client_state = self.ds_engine.load_checkpoint(str(folder), tag=ENGINE_STATE_DIR)
+        """Restores model and optimizer state from ``folder``; returns the saved client state.
+        DeepSpeed's own unpickling is held to weights-only with the allow-list."""
+        with weights_only_loads():
+            load_path, client_state = self.ds_engine.load_checkpoint(str(folder), tag=ENGINE_STATE_DIR)
         if load_path is None:
             raise RuntimeError(f"checkpoint {folder} holds no engine state under {ENGINE_STATE_DIR!r}")
         return client_state
@@ -147,21 +150,27 @@ def has_engine_state(folder: str | Path) -> bool:
     return (Path(folder) / ENGINE_STATE_DIR).is_dir()
 
 
-def consolidated_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The full fp32 model weights from a checkpoint folder of any ZeRO stage."""
+def consolidated_state_dict(folder: str | Path, *, label: str | None = None) -> dict[str, torch.Tensor]:
+    """The full fp32 model weights from a checkpoint folder of any ZeRO stage.
+
+    Verified first (``service.runtime.safe_checkpoint``): its checksums manifest when it has
+    one, and every file through the weights-only allow-list; errors name files as
+    ``label/...`` (default: the folder).
+    """
     folder = Path(folder)
     tag_dir = folder / ENGINE_STATE_DIR
     # ZeRO-3 names them zero_pp_rank_R_mp_rank_00_model_states.pt, other stages mp_rank_00_...
     files = sorted(tag_dir.glob("*mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"no DeepSpeed model states under {tag_dir}")
-    # Our own checkpoint (trusted): DeepSpeed pickles its config and shapes beside the tensors.
-    model_states = torch.load(files[0], map_location="cpu", weights_only=False)
+    verify_checkpoint(folder, label=label, require_manifest=False)
+    model_states = safe_load(files[0])
     stage = (model_states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
     if stage > 0:  # fp32 master weights are spread over the ranks' optimizer shards
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=ENGINE_STATE_DIR))
+        with weights_only_loads():  # zero_to_fp32 calls torch.load(weights_only=False)
+            state = dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=ENGINE_STATE_DIR))
         # ZeRO-1 does not record frozen parameters (our fixed sin-cos position embeddings) in
         # its optimizer shards; below ZeRO-3 the module states hold them whole.
         for key, value in model_states["module"].items():

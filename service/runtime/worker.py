@@ -65,3 +65,9 @@ def all_gather_tensors(x: torch.Tensor) -> torch.Tensor:
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     torch.distributed.all_gather(gathered, padded)
     return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)], dim=0)
+
+
+def world_size() -> int:
+    """Workers in the process group (1 outside one)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -2,8 +2,12 @@
 
 Every worker writes its share of the engine state (``Engine.save``) into a local folder and
 reports it; Ray Train merges the folders of all workers into one checkpoint in the run's
-storage (local or s3://) and keeps the last K. Restoring downloads that checkpoint on every worker and loads model, optimizer,
-the training position (epoch, batches consumed, step) and each rank's RNG state.
+storage (local or s3://) and keeps the last K. Each worker also writes a checksums manifest of its files, last. Restoring takes
+the newest intact checkpoint of the run (``service.training.resume``: manifests verified, every
+file weights-only with an allow-list, damaged ones skipped with a warning) on every worker and
+loads model, optimizer, the training position (epoch, batches consumed, step) and each rank's
+RNG state. Nothing is unpickled beyond tensors, containers and DeepSpeed's allow-listed types
+(``service.runtime.safe_checkpoint``).
 
 Uploads are retried: Ray Train's own upload (``StorageContext.persist_current_checkpoint``)
 runs as the report's ``checkpoint_upload_fn``, retried with backoff on transient storage
@@ -29,6 +33,9 @@ import torch
 
 from service.data.storage import retrying
 from service.runtime.engine import Engine
+from service.runtime.safe_checkpoint import safe_load, write_manifest
+from service.runtime.worker import world_size
+from service.training.resume import restore_newest_intact
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,7 @@ def save(engine: Engine, state: TrainState, metrics: dict[str, Any], rank: int, 
         torch.save({"torch": torch.get_rng_state()}, root / _rng_file(rank))
         if rank == 0:
             (root / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        write_manifest(root, rank=rank, world_size=world_size())  # last: it lists every file above
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(root)),
                          checkpoint_upload_fn=functools.partial(_upload, max_retries=max_retries))
 
@@ -89,19 +97,21 @@ def persist_with_retries(storage: Any, checkpoint: Any, checkpoint_dir_name: str
 
 
 def restore(engine: Engine, rank: int) -> TrainState | None:
-    """Loads the latest checkpoint Ray Train hands this worker, if any."""
-    import ray.train
+    """Loads the newest intact checkpoint of the run (``service.training.resume``), if any."""
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        client_state = engine.load(folder)
-        rng_path = Path(folder) / _rng_file(rank)
+    def load(folder: Path) -> dict[str, Any]:
+        client_state = engine.load(folder)  # weights-only with the allow-list (Engine.load)
+        rng_path = folder / _rng_file(rank)
         if rng_path.exists():
-            torch.set_rng_state(torch.load(rng_path, weights_only=True)["torch"])
+            torch.set_rng_state(safe_load(rng_path)["torch"])
+        return client_state
+
+    found = restore_newest_intact(load, state_file=STATE_FILE)
+    if found is None:
+        return None
+    client_state, checkpoint = found
     state = TrainState(**client_state["train_state"])
-    log.info("resumed from %s at epoch %d, step %d", checkpoint.path, state.epoch, state.optimizer_step)
+    log.info("resumed from %s at epoch %d, step %d", checkpoint.label, state.epoch, state.optimizer_step)
     return state
 
 

@@ -30,6 +30,7 @@ from service.runtime.cluster import (
     worker_runtime_env,
 )
 from service.runtime.credentials import share_credentials
+from service.runtime.safe_checkpoint import reraise_checkpoint_error
 from service.tracking import Tracker, open_run, resolve_tracking_uri
 from service.tracking.registry import git_commit
 from service.training.lease import LEASE_FILES, RunLease
@@ -156,7 +157,11 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
     )
     log.info("launching %d %s worker(s); checkpoints under %s; MLflow %s run %s", cfg.dist.num_workers,
              "GPU" if launch.use_gpu else "CPU", launch.storage_label, redact_url(launch.tracking_uri), launch.run_id)
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        reraise_checkpoint_error(exc)  # a refused or damaged checkpoint: the job's bad input, one line
+        raise
 
 
 # ---------------------------------------------------------------- pieces
