@@ -71,19 +71,19 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
 
     lineage = {"convmae.source_model": cfg.model, "convmae.source_run_id": source.run_id or ""}
     launch = open_launch(cfg, train_url=train_url, tags=lineage)
-    launch.tracker.log_params({"num_classes_resolved": num_classes, "img_size_resolved": model_config.img_size})
-    # Workers get the pretrained weights through the object store: one download, on the driver.
-    init_weights = ray.put({k: v.detach().cpu() for k, v in source.model.state_dict().items()})
-    loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url, num_classes=num_classes,
-                                     model_config=model_config.to_dict(), init_weights=init_weights)
-    result = fit_workers(finetune_worker, loop_config, cfg, launch, callbacks)
-    checkpoint, run_id = result.checkpoint, launch.run_id
+    with launch.tracker.ending_run():  # FINISHED, KILLED when stopped, FAILED with the error
+        launch.tracker.log_params({"num_classes_resolved": num_classes, "img_size_resolved": model_config.img_size})
+        # Workers get the pretrained weights through the object store: one download, on the driver.
+        init_weights = ray.put({k: v.detach().cpu() for k, v in source.model.state_dict().items()})
+        loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url, num_classes=num_classes,
+                                         model_config=model_config.to_dict(), init_weights=init_weights)
+        result = fit_workers(finetune_worker, loop_config, cfg, launch, callbacks)
+        checkpoint, run_id = result.checkpoint, launch.run_id
 
-    registered: dict[str, str | None] = {"registered_uri": None, "model_uri": None}
-    if checkpoint is not None and run_id is not None and cfg.mlflow.register:
-        registered = _register(cfg, checkpoint, model_config, num_classes, train_set.class_names,
-                               launch.tracking_uri, run_id, train_url, source)
-    launch.tracker.finish("FINISHED")
+        registered: dict[str, str | None] = {"registered_uri": None, "model_uri": None}
+        if checkpoint is not None and run_id is not None and cfg.mlflow.register:
+            registered = _register(cfg, checkpoint, model_config, num_classes, train_set.class_names,
+                                   launch.tracking_uri, run_id, train_url, source)
     return FinetuneResult(
         run_name=cfg.run_name,
         checkpoint_path=checkpoint.path if checkpoint is not None else None,

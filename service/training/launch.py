@@ -112,7 +112,12 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
     )
     log.info("launching %d %s worker(s); checkpoints under %s; MLflow %s run %s", cfg.dist.num_workers,
              "GPU" if launch.use_gpu else "CPU", launch.storage_label, launch.tracking_uri, launch.run_id)
-    return trainer.fit()
+    result = trainer.fit()
+    if getattr(result, "error", None) is not None:
+        # Ray Train V2 raises a failed run's error itself; a Result that only carries one
+        # (Ray Train V1, Tune) is the same failure and must not pass for a finished run.
+        raise result.error
+    return result
 
 
 # ---------------------------------------------------------------- pieces

@@ -51,16 +51,16 @@ def run_pretraining(
              f", validation {val_url}" if val_url else "")
 
     launch = open_launch(cfg, train_url=train_url, parent_run_id=parent_run_id, tags=tags)
-    loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url)
-    result = fit_workers(train_worker, loop_config, cfg, launch, callbacks)
-    checkpoint = result.checkpoint
-    metrics = dict(result.metrics or {})
+    with launch.tracker.ending_run():  # FINISHED, KILLED when stopped, FAILED with the error
+        loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url)
+        result = fit_workers(train_worker, loop_config, cfg, launch, callbacks)
+        checkpoint = result.checkpoint
+        metrics = dict(result.metrics or {})
 
-    registered_uri = model_uri = None
-    if checkpoint is not None and launch.run_id is not None and cfg.mlflow.register:
-        registered = register_checkpoint(cfg, checkpoint, launch.tracking_uri, launch.run_id, train_url)
-        registered_uri, model_uri = registered["registered_uri"], registered["model_uri"]
-    launch.tracker.finish("FINISHED")
+        registered_uri = model_uri = None
+        if checkpoint is not None and launch.run_id is not None and cfg.mlflow.register:
+            registered = register_checkpoint(cfg, checkpoint, launch.tracking_uri, launch.run_id, train_url)
+            registered_uri, model_uri = registered["registered_uri"], registered["model_uri"]
     return PretrainResult(
         run_name=cfg.run_name,
         storage_path=launch.storage_label,

@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 from ray.train import UserCallback
 
 from service.config import PretrainConfig, with_overrides
+from service.tracking import ERROR_TAG
 from service.training.pretrain import run_pretraining
 
 pytestmark = pytest.mark.e2e
@@ -83,6 +84,7 @@ def test_s3_data_and_checkpoints_survive_a_worker_failure_and_register_the_model
     client = MlflowClient(mlflow_server)
     run = client.get_run(result.mlflow_run_id)
     assert run.data.params["dist.zero_stage"] == "2" and run.data.params["model.name"] == "convmae_tiny"
+    assert run.info.status == "FINISHED"
     assert "deepspeed_config.json" in [a.path for a in client.list_artifacts(result.mlflow_run_id)]
     # Per log window: where step time goes, and the gradient norm.
     assert 0.0 <= run.data.metrics["train/data_wait_frac"] <= 1.0
@@ -114,9 +116,15 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(ray_cluster, digits
     with pytest.raises(Exception):  # noqa: B017 - Ray's TrainingFailedError, whatever its module
         run_pretraining(interrupted)
     assert (tmp_path / "interrupted").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    [failed] = client.search_runs([client.get_experiment_by_name(interrupted.mlflow.experiment).experiment_id],
+                                  filter_string="tags.`convmae.run_name` = 'interrupted'")
+    assert failed.info.status == "FAILED"  # not RUNNING forever
+    assert "Error" in failed.data.tags[ERROR_TAG]
     resumed = run_pretraining(interrupted)
 
-    assert resumed.mlflow_run_id is not None
+    assert resumed.mlflow_run_id == failed.info.run_id  # the run continued, and finished
+    assert client.get_run(resumed.mlflow_run_id).info.status == "FINISHED"
     a = loss_by_step(straight.tracking_uri, straight.mlflow_run_id)
     b = loss_by_step(resumed.tracking_uri, resumed.mlflow_run_id)
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
