@@ -101,6 +101,7 @@ class Tracker:
         self._client = None
         self._system_monitor = None
         self.ended: str | None = None  # the status finish() gave the run
+        self._logged_through: dict[str, int] = {}  # metric -> last step it had (skip_logged_steps)
         if self.enabled and system_metrics:
             self._safe("start system metrics", self._start_system_metrics)
 
@@ -157,6 +158,19 @@ class Tracker:
         run = self._safe("read run", self.client.get_run, self.run_id)
         return run.info.status if run is not None else None
 
+    def skip_logged_steps(self) -> None:
+        """From now on, log a metric only at steps beyond those it already reached on this run.
+
+        A resumed run (or one restarted after a worker failure) redoes the steps since its last
+        checkpoint; logging them again would give those steps two points each. MLflow cannot
+        delete points, so the first ones stay: a resumed run reproduces the uninterrupted one's
+        values (same data, masks and seeds), so they are the same curve.
+        """
+        run = self._safe("read run", self.client.get_run, self.run_id)
+        if run is not None:
+            # A run's "latest" metrics are those at each metric's highest step.
+            self._logged_through = {m.key: m.step for m in run.data.to_proto().metrics}
+
     def last_step(self, metric: str) -> int | None:
         """The highest step ``metric`` was logged at on this run; None if never (or unreadable)."""
         history = self._safe("read run", self.client.get_metric_history, self.run_id, metric) or []
@@ -175,7 +189,8 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if v is not None and step > self._logged_through.get(k, -1)]
         if items:
             self._safe("log metrics", self.client.log_batch, self.run_id, metrics=items)
 

@@ -93,3 +93,21 @@ def test_sigterm_stops_a_job_like_ctrl_c_and_is_restored_after(tmp_path):
     assert client.get_run(tracker.run_id).info.status == "KILLED"
     assert signal.getsignal(signal.SIGTERM) is before
 
+
+def test_a_resumed_tracker_logs_no_second_point_for_a_redone_step(tmp_path):
+    client, before = new_run(tmp_path)
+    for step in range(1, 6):
+        before.log_metrics({"train/loss": 10.0 - step}, step=step)
+    before.log_metrics({"val/recon_loss": 0.9}, step=4)
+
+    resumed = Tracker(before.tracking_uri, before.run_id)  # a worker restarted from the step-3 checkpoint
+    resumed.skip_logged_steps()
+    for step in range(4, 8):
+        resumed.log_metrics({"train/loss": 100.0 + step, "train/lr": 0.1}, step=step)
+    resumed.log_metrics({"val/recon_loss": 0.8}, step=6)
+
+    loss = client.get_metric_history(before.run_id, "train/loss")
+    assert sorted(m.step for m in loss) == [1, 2, 3, 4, 5, 6, 7]  # one point per step
+    assert {m.step: m.value for m in loss}[5] == 5.0  # the first point of a step stays
+    assert sorted(m.step for m in client.get_metric_history(before.run_id, "train/lr")) == [4, 5, 6, 7]
+    assert [m.step for m in client.get_metric_history(before.run_id, "val/recon_loss")] == [4, 6]
