@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,15 +19,6 @@ WEIGHTS_ARTIFACT = "convmae"  # the folder written by convmae.save_pretrained in
 # finished job (or sweep) finds its version instead of registering the same weights again.
 CHECKPOINT_TAG = "checkpoint"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def export_checkpoint(checkpoint_dir: str | Path, model_config: dict[str, Any], dest: str | Path,

@@ -102,9 +102,9 @@ def _register(cfg: FinetuneConfig, checkpoint: Any, model_config: Any, num_class
               source: Any) -> dict[str, str | None]:
     """Exports the classifier of ``checkpoint`` and registers it (once); a failure is a warning."""
     from convmae import ConvMAEBackbone
+    from service.tracking.provenance import provenance
     from service.tracking.registry import (
         export_checkpoint,
-        git_commit,
         register_checkpoint_once,
         write_metadata,
     )
@@ -121,7 +121,7 @@ def _register(cfg: FinetuneConfig, checkpoint: Any, model_config: Any, num_class
     return register_checkpoint_once(
         checkpoint, export, tracking_uri=tracking_uri, run_id=run_id,
         registered_name=cfg.mlflow.registered_model_name,
-        tags={"data": train_url, "git_commit": git_commit(), "task": "classification",
+        tags={"data": train_url, **provenance(), "task": "classification",
               "source_model": cfg.model, "num_classes": str(num_classes), "run_name": cfg.run_name},
         metadata={"task": "classification", "num_classes": num_classes}, what="classifier",
     )

@@ -22,7 +22,7 @@ from service.runtime.cluster import (
     worker_runtime_env,
 )
 from service.tracking import Tracker, open_run, resolve_tracking_uri
-from service.tracking.registry import git_commit
+from service.tracking.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | 
                        enabled=cfg.mlflow.enabled)
     tracker.log_params(flatten(cfg))
     tracker.log_dict(to_dict(cfg), "config.json")
-    tracker.set_tags({"data.train_url": train_url, "git_commit": git_commit(), "precision": precision,
+    tracker.set_tags({"data.train_url": train_url, **provenance(), "precision": precision,
                       "use_gpu": use_gpu, "compile": compile_model, **(tags or {})})
     return Launch(use_gpu, precision, compile_model, storage_path, storage_fs, storage_label, tracking_uri, tracker)
 

@@ -77,9 +77,9 @@ def register_checkpoint(cfg: PretrainConfig, checkpoint: Any, tracking_uri: str,
                         train_url: str) -> dict[str, str | None]:
     """Logs the consolidated model of ``checkpoint`` (a Ray Train Checkpoint) to ``run_id`` and
     registers it (once per checkpoint); on failure warns and returns Nones."""
+    from service.tracking.provenance import provenance
     from service.tracking.registry import (
         export_checkpoint,
-        git_commit,
         register_checkpoint_once,
         write_metadata,
     )
@@ -93,7 +93,7 @@ def register_checkpoint(cfg: PretrainConfig, checkpoint: Any, tracking_uri: str,
     return register_checkpoint_once(
         checkpoint, export, tracking_uri=tracking_uri, run_id=run_id,
         registered_name=cfg.mlflow.registered_model_name,
-        tags={"data": train_url, "git_commit": git_commit(), "preset": cfg.model.name, "run_name": cfg.run_name},
+        tags={"data": train_url, **provenance(), "preset": cfg.model.name, "run_name": cfg.run_name},
         metadata={"preset": cfg.model.name},
     )
 

@@ -33,6 +33,7 @@ from service.config import (
 )
 from service.config.sweep import Dimension, parse_space
 from service.tracking import Tracker, find_run_id, open_run
+from service.tracking.provenance import provenance
 from service.tune.asha import TIME_ATTR, ResumableASHA
 from service.tune.space import concurrent_trials, param_space, resolve_objective, trial_resources
 
@@ -298,6 +299,7 @@ def open_parent_run(cfg: TuneJobConfig, tracking_uri: str, storage_label: str, d
                       identity={SWEEP_TAG: cfg.sweep.name, SWEEP_STORAGE_TAG: storage_label},
                       run_name=cfg.sweep.name, resume=True, tags={"convmae.kind": "sweep"},
                       enabled=cfg.mlflow.enabled)
+    parent.set_tags(provenance())  # the code of this (possibly resumed) session
     parent.log_params({**{f"space.{d.key}": cfg.sweep.space[d.key] for d in dims},
                        **{f"sweep.{k}": v for k, v in flatten(cfg.sweep).items() if not k.startswith("space.")},
                        "objective": metric, "mode": mode})

@@ -10,6 +10,7 @@ from ray.train import UserCallback
 
 from service.config import PretrainConfig, with_overrides
 from service.tracking import ERROR_TAG
+from service.tracking.provenance import provenance
 from service.training.pretrain import run_pretraining
 
 pytestmark = pytest.mark.e2e
@@ -85,6 +86,8 @@ def test_s3_data_and_checkpoints_survive_a_worker_failure_and_register_the_model
     run = client.get_run(result.mlflow_run_id)
     assert run.data.params["dist.zero_stage"] == "2" and run.data.params["model.name"] == "convmae_tiny"
     assert run.info.status == "FINISHED"
+    code = provenance()  # this checkout's provenance, on the run and on the model version
+    assert {k: run.data.tags[k] for k in code} == code
     assert "deepspeed_config.json" in [a.path for a in client.list_artifacts(result.mlflow_run_id)]
     # Per log window: where step time goes, and the gradient norm.
     assert 0.0 <= run.data.metrics["train/data_wait_frac"] <= 1.0
@@ -92,6 +95,7 @@ def test_s3_data_and_checkpoints_survive_a_worker_failure_and_register_the_model
     assert [a.path for a in client.list_artifacts(result.mlflow_run_id, "profile")] == ["profile/trace.json"]
     version = client.get_model_version("e2e-tiny", "1")
     assert version.tags["data"] == cfg.data.url and version.tags["preset"] == "convmae_tiny"
+    assert version.tags["git_commit"] == code["git_commit"] and version.tags["git_dirty"] == code["git_dirty"]
 
     from service.runtime.engine import consolidated_state_dict
     from service.tracking.registry import load_model

@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from service.config import TuneJobConfig, with_overrides
+from service.tracking.provenance import provenance
 from service.tracking.registry import load_model
 from service.tune.sweep import SWEEP_TAG, run_sweep
 
@@ -147,6 +148,7 @@ def test_sweep_stops_bad_trials_resumes_after_interruption_and_registers_the_bes
     # Every run ended with the status it deserves: the stopped trial's is not RUNNING forever.
     status = {r.data.tags["convmae.trial_id"]: r.info.status for r in children}
     assert status == {finished.trial_id: "FINISHED", bad.trial_id: "KILLED"}
+    assert parent.data.tags["git_commit"] == provenance()["git_commit"]
 
     assert second.registered_uri == "models:/sweep-tiny@best-sweep-lr"
     version = client.get_model_version_by_alias("sweep-tiny", "best-sweep-lr")
