@@ -181,7 +181,9 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
                 param_space=param_space(dims, cfg.sweep.searcher),
                 tune_config=tune.TuneConfig(
                     metric=metric, mode=mode, num_samples=cfg.sweep.num_samples,
-                    max_concurrent_trials=concurrency, search_alg=searcher_for(cfg),
+                    # The variant generator holds its own limit (see searcher_for).
+                    max_concurrent_trials=concurrency if cfg.sweep.searcher == "tpe" else None,
+                    search_alg=searcher_for(cfg, concurrency),
                     scheduler=scheduler_for(cfg, _join(absolute_url(cfg.sweep.storage_path), cfg.sweep.name,
                                                     "asha_state.json")),
                 ),
@@ -217,10 +219,19 @@ def _join(*parts: str) -> str:
     return "/".join([parts[0].rstrip("/"), *parts[1:]])
 
 
-def searcher_for(cfg: TuneJobConfig) -> Any:
-    """The search algorithm of ``sweep.searcher`` (None: Tune's own variant generator)."""
+def searcher_for(cfg: TuneJobConfig, max_concurrent: int = 0) -> Any:
+    """The search algorithm of ``sweep.searcher``, drawing from ``sweep.seed``.
+
+    random and grid: Tune's variant generator (grid dimensions enumerated, the rest sampled),
+    seeded: left to itself it draws from numpy's global state, and two identical sweeps would
+    try different values. It limits concurrency itself (``max_concurrent``, 0: no limit): Tune
+    applies ``max_concurrent_trials`` to ``Searcher``s only. tpe: Optuna's TPE sampler (Tune
+    limits its concurrency).
+    """
     if cfg.sweep.searcher != "tpe":
-        return None  # Tune's default: grid dimensions enumerated, the rest sampled at random
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=cfg.sweep.seed)
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as exc:  # optuna is a dependency; say so if an environment lacks it
