@@ -71,6 +71,20 @@ def test_every_config_file_the_docs_and_jobs_name_exists():
     assert not missing, f"named but missing: {missing}"
 
 
+METRIC = r"(?:train|val|data|system|eval)/[a-z0-9_]+"
+
+
+def test_the_metric_names_the_readme_gives_are_the_logged_ones():
+    import re
+
+    root = JOBS.parent
+    readme = set(re.findall(rf"`({METRIC})`", (root / "README.md").read_text()))
+    logged = {m for path in (root / "service").rglob("*.py") for m in re.findall(rf'"({METRIC})"', path.read_text())}
+    assert readme and not readme - logged, f"README names metrics nothing logs: {sorted(readme - logged)}"
+    # and every metric of a training step's log window is in the README
+    step = re.findall(rf'"({METRIC})"', (root / "service" / "training" / "loop.py").read_text())
+    assert set(step) - readme == set(), f"logged but not in the README: {sorted(set(step) - readme)}"
+
 @pytest.mark.e2e
 def test_a_submitted_job_carries_the_submitters_provenance_and_ends_killed_when_stopped(
     ray_cluster, digits_dir, tmp_path
