@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from service.config import ConfigError, dump_yaml, flatten, load_config, parse_cli_overrides
@@ -91,7 +94,30 @@ def run_job(
     from service.job_errors import USER_ERRORS
 
     try:
-        result = run(config)
+        with sigterm_as_interrupt():
+            result = run(config)
     except USER_ERRORS as exc:
         report_config_error(parser, exc)
     return report(result, config)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``ray job stop``, Kubernetes, a batch scheduler) stops the block like Ctrl+C.
+
+    Python's default SIGTERM ends the process at once, running no ``except``/``finally``: the
+    job's MLflow run would stay RUNNING forever. As a ``KeyboardInterrupt`` the job unwinds and
+    its run ends KILLED. Signal handlers belong to the main thread; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

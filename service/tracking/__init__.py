@@ -2,12 +2,15 @@
 the pyfunc flavour registered models are served with (``pyfunc``)."""
 
 from service.tracking.mlflow_run import (
+    ERROR_TAG,
     NullTracker,
     Tracker,
     ensure_experiment,
     find_run_id,
     open_run,
     resolve_tracking_uri,
+    run_status,
 )
 
-__all__ = ["NullTracker", "Tracker", "ensure_experiment", "find_run_id", "open_run", "resolve_tracking_uri"]
+__all__ = ["ERROR_TAG", "NullTracker", "Tracker", "ensure_experiment", "find_run_id", "open_run", "resolve_tracking_uri",
+           "run_status"]

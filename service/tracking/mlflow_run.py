@@ -2,9 +2,10 @@
 
 Checkpoints are the source of truth; MLflow is the window onto a run. ``open_run`` finds the
 run a resumed job continues (by its tags) or creates it, optionally under a parent run;
-``Tracker.finish`` ends it with the status it deserves. Every call goes through one guard: an
-unreachable or failing server produces one warning, logging pauses for a while and is retried
-later, and training goes on.
+``Tracker.ending_run`` (or ``Tracker.finish``) ends it with the status it deserves: FINISHED,
+KILLED when the job was stopped, FAILED with the error as a tag. Every call goes through one
+guard: an unreachable or failing server produces one warning, logging pauses for a while and is
+retried later, and training goes on.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# Run tag holding why a FAILED run failed (exception type and message).
+ERROR_TAG = "convmae.error"
+_MAX_TAG_CHARS = 5000  # within MLflow's tag value limit (5000 on older servers, 8000 on newer)
 
 # MLflow's HTTP client retries for minutes by default; a training step must not wait that long.
 _FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -37,6 +43,24 @@ def resolve_tracking_uri(uri: str) -> str:
     if "://" not in uri:  # a plain directory
         return Path(uri).resolve().as_uri()
     return uri
+
+
+def run_status(exc: BaseException | None) -> str:
+    """The status a run ends with when its job ended by ``exc`` (None: normally).
+
+    KILLED for a stopped job: Ctrl+C and SIGTERM (``ray job stop``, Kubernetes; the jobs turn it
+    into ``KeyboardInterrupt``) and Ray Train's own Ctrl+C handler, which aborts the run and
+    leaves through ``SystemExit``. FAILED for any other error.
+    """
+    if exc is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
+def describe_error(exc: BaseException | str) -> str:
+    """``Type: message`` of an error, cut to fit a tag."""
+    text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    return text[:_MAX_TAG_CHARS]
 
 
 def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -76,6 +100,8 @@ class Tracker:
         self.failures = 0
         self._client = None
         self._system_monitor = None
+        self.ended: str | None = None  # the status finish() gave the run
+        self._logged_through: dict[str, int] = {}  # metric -> last step it had (skip_logged_steps)
         if self.enabled and system_metrics:
             self._safe("start system metrics", self._start_system_metrics)
 
@@ -103,10 +129,47 @@ class Tracker:
 
     # ------------------------------------------------------------ lifecycle and reading
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Ends the run with ``status`` (FINISHED, FAILED, KILLED) and stops system metrics."""
+    def finish(self, status: str = "FINISHED", error: BaseException | str | None = None) -> None:
+        """Ends the run with ``status`` (FINISHED, FAILED, KILLED) and stops system metrics;
+        ``error`` (what made it fail) goes into the ``convmae.error`` tag."""
         self.close()
+        self.ended = status
+        self._paused_until = 0.0  # a recent failure pauses logging; the end status is worth a try
+        if error is not None:
+            self.set_tags({ERROR_TAG: describe_error(error)})
         self._safe("end run", self.client.set_terminated, self.run_id, status)
+
+    @contextmanager
+    def ending_run(self) -> Iterator[Tracker]:
+        """Ends the run when the block exits, with the status it deserves (``run_status``): a
+        run must never stay RUNNING after its job is gone. The block's exception goes on; a
+        block that ended the run itself (``finish``) keeps the status it chose."""
+        try:
+            yield self
+        except BaseException as exc:
+            status = run_status(exc)
+            self.finish(status, error=exc if status == "FAILED" else None)
+            raise
+        if self.ended is None:
+            self.finish("FINISHED")
+
+    def status(self) -> str | None:
+        """The run's status in MLflow (RUNNING, FINISHED, FAILED, KILLED); None if unreadable."""
+        run = self._safe("read run", self.client.get_run, self.run_id)
+        return run.info.status if run is not None else None
+
+    def skip_logged_steps(self) -> None:
+        """From now on, log a metric only at steps beyond those it already reached on this run.
+
+        A resumed run (or one restarted after a worker failure) redoes the steps since its last
+        checkpoint; logging them again would give those steps two points each. MLflow cannot
+        delete points, so the first ones stay: a resumed run reproduces the uninterrupted one's
+        values (same data, masks and seeds), so they are the same curve.
+        """
+        run = self._safe("read run", self.client.get_run, self.run_id)
+        if run is not None:
+            # A run's "latest" metrics are those at each metric's highest step.
+            self._logged_through = {m.key: m.step for m in run.data.to_proto().metrics}
 
     def last_step(self, metric: str) -> int | None:
         """The highest step ``metric`` was logged at on this run; None if never (or unreadable)."""
@@ -126,7 +189,8 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if v is not None and step > self._logged_through.get(k, -1)]
         if items:
             self._safe("log metrics", self.client.log_batch, self.run_id, metrics=items)
 

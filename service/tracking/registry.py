@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,15 +19,6 @@ WEIGHTS_ARTIFACT = "convmae"  # the folder written by convmae.save_pretrained in
 # finished job (or sweep) finds its version instead of registering the same weights again.
 CHECKPOINT_TAG = "checkpoint"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def export_checkpoint(checkpoint_dir: str | Path, model_config: dict[str, Any], dest: str | Path,
@@ -128,17 +118,62 @@ def register_checkpoint_once(
 
 
 def download_model_dir(uri: str, dest: str | Path | None = None, *, tracking_uri: str | None = None) -> Path:
-    """The ``save_pretrained`` folder behind a ``models:/`` or ``runs:/`` URI (from
-    ``tracking_uri``, else MLflow's current tracking URI; the global setting is left alone)."""
+    """The ``save_pretrained`` folder behind a ``models:/`` or ``runs:/`` URI, from ``tracking_uri``
+    (tracking and registry store alike; default ``MLFLOW_TRACKING_URI``, else ./mlruns.db as
+    every job). MLflow's global URI is left alone and nothing is written outside ``dest``."""
     import mlflow
 
+    from service.tracking.mlflow_run import resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(tracking_uri or "")
     dest = Path(dest or tempfile.mkdtemp(prefix="convmae-model-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking_uri,
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=_resolve_artifact_uri(uri, tracking_uri),
+                                                     dst_path=str(dest), tracking_uri=tracking_uri,
                                                      registry_uri=tracking_uri))
     for candidate in (local / "artifacts" / WEIGHTS_ARTIFACT, local / WEIGHTS_ARTIFACT, local):
         if (candidate / "config.json").exists():
             return candidate
     raise FileNotFoundError(f"{uri} holds no convmae model (no {WEIGHTS_ARTIFACT}/config.json)")
+
+
+def _resolve_artifact_uri(uri: str, tracking_uri: str) -> str:
+    """Where the artifacts behind a ``models:/`` or ``runs:/`` URI live, resolved through
+    ``tracking_uri`` alone.
+
+    MLflow resolves ``models:/`` (and the logged model behind ``runs:/RUN/model``) with a client
+    built on the *global* registry URI, ignoring the one passed in: without
+    ``MLFLOW_TRACKING_URI`` it looks in (and creates) ``./mlflow.db`` and finds no such model.
+    Resolving here with an explicit client avoids both.
+    """
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if uri.startswith("models:/"):
+        root, sub_path = ModelsArtifactRepository.split_models_uri(uri)
+        found = get_model_name_and_version(client, root)
+        if len(found) == 1:  # models:/m-ID, a logged model
+            location = client.get_logged_model(found[0]).artifact_location
+        else:
+            location = client.get_model_version_download_uri(*found)
+        return _join_uri(location, sub_path)
+    if uri.startswith("runs:/"):
+        run_id, path = RunsArtifactRepository.parse_runs_uri(uri)
+        run = client.get_run(run_id)
+        name, _, sub_path = (path or "").partition("/")
+        # MLflow 3 keeps a run's models as logged models outside the run's artifacts.
+        models = client.search_logged_models(experiment_ids=[run.info.experiment_id], max_results=1,
+                                             filter_string=f"name = '{name}' and source_run_id = '{run_id}'")
+        if models:
+            return _join_uri(models[0].artifact_location, sub_path)
+        return _join_uri(run.info.artifact_uri, path or "")
+    return uri
+
+
+def _join_uri(base: str, sub_path: str) -> str:
+    return base.rstrip("/") + (f"/{sub_path}" if sub_path else "")
 
 
 def load_model(uri: str, *, tracking_uri: str | None = None):

@@ -71,7 +71,7 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
 
     lineage = {"convmae.source_model": redact_url(cfg.model), "convmae.source_run_id": source.run_id or ""}
     launch = open_launch(cfg, train_url=train_url, tags=lineage)
-    try:
+    with launch.running():  # its MLflow run ends FINISHED, KILLED or FAILED; its lease is released
         launch.tracker.log_params({"num_classes_resolved": num_classes, "img_size_resolved": model_config.img_size})
         # Workers get the pretrained weights through the object store: one download, on the driver.
         init_weights = ray.put({k: v.detach().cpu() for k, v in source.model.state_dict().items()})
@@ -84,9 +84,6 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
         if checkpoint is not None and run_id is not None and cfg.mlflow.register:
             registered = _register(cfg, checkpoint, model_config, num_classes, train_set.class_names,
                                    launch.tracking_uri, run_id, train_url, source)
-        launch.tracker.finish("FINISHED")
-    finally:
-        launch.release()
     return FinetuneResult(
         run_name=cfg.run_name,
         checkpoint_path=checkpoint.path if checkpoint is not None else None,
@@ -105,9 +102,9 @@ def _register(cfg: FinetuneConfig, checkpoint: Any, model_config: Any, num_class
               source: Any) -> dict[str, str | None]:
     """Exports the classifier of ``checkpoint`` and registers it (once); a failure is a warning."""
     from convmae import ConvMAEBackbone
+    from service.tracking.provenance import provenance
     from service.tracking.registry import (
         export_checkpoint,
-        git_commit,
         register_checkpoint_once,
         write_metadata,
     )
@@ -124,7 +121,7 @@ def _register(cfg: FinetuneConfig, checkpoint: Any, model_config: Any, num_class
     return register_checkpoint_once(
         checkpoint, export, tracking_uri=tracking_uri, run_id=run_id,
         registered_name=cfg.mlflow.registered_model_name,
-        tags={"data": redact_url(train_url), "git_commit": git_commit(), "task": "classification",
+        tags={"data": redact_url(train_url), **provenance(), "task": "classification",
               "source_model": redact_url(cfg.model), "num_classes": str(num_classes), "run_name": cfg.run_name},
         metadata={"task": "classification", "num_classes": num_classes}, what="classifier",
     )

@@ -7,8 +7,9 @@ and Tune trials: absolute data locations, storage filesystems without secrets.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from service.runtime.cluster import (
 from service.runtime.credentials import share_credentials
 from service.runtime.safe_checkpoint import reraise_checkpoint_error
 from service.tracking import Tracker, open_run, resolve_tracking_uri
-from service.tracking.registry import git_commit
+from service.tracking.provenance import provenance
 from service.training.lease import LEASE_FILES, RunLease
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,16 @@ class Launch:
         """Gives up the run's lease; drivers call it when the run ends, also on failure."""
         if self.lease is not None:
             self.lease.release()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Launch]:
+        """The run's lifetime in a driver: its MLflow run ends with the status it deserves
+        (FINISHED; KILLED when stopped; FAILED with the error), and its lease is released."""
+        try:
+            with self.tracker.ending_run():
+                yield self
+        finally:
+            self.release()
 
     @property
     def run_id(self) -> str | None:
@@ -125,7 +136,7 @@ def log_config(tracker: Tracker, cfg: TrainingJobConfig, *, train_url: str, prec
     stripped of any ``user:password@`` (MLflow shows all of it to every reader)."""
     tracker.log_params(flatten(cfg, redact=True))
     tracker.log_dict(redacted(cfg), "config.json")
-    tracker.set_tags({"data.train_url": redact_url(train_url), "git_commit": git_commit(), "precision": precision,
+    tracker.set_tags({"data.train_url": redact_url(train_url), **provenance(), "precision": precision,
                       "use_gpu": use_gpu, **(tags or {})})
 
 
@@ -158,10 +169,15 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
     log.info("launching %d %s worker(s); checkpoints under %s; MLflow %s run %s", cfg.dist.num_workers,
              "GPU" if launch.use_gpu else "CPU", launch.storage_label, redact_url(launch.tracking_uri), launch.run_id)
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except Exception as exc:
         reraise_checkpoint_error(exc)  # a refused or damaged checkpoint: the job's bad input, one line
         raise
+    if getattr(result, "error", None) is not None:
+        # Ray Train V2 raises a failed run's error itself; a Result that only carries one
+        # (Ray Train V1, Tune) is the same failure and must not pass for a finished run.
+        raise result.error
+    return result
 
 
 # ---------------------------------------------------------------- pieces

@@ -102,6 +102,8 @@ def start_session(model: torch.nn.Module, cfg: TrainingJobConfig, loop_config: M
     if ctx.rank == 0:
         tracker = Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"], enabled=cfg.mlflow.enabled,
                           system_metrics=cfg.mlflow.system_metrics)
+        # A resumed or restarted run redoes the steps since its checkpoint: one point per step.
+        tracker.skip_logged_steps()
         if state.optimizer_step == 0:
             tracker.log_dict(engine.config, "deepspeed_config.json")
     return WorkerSession(ctx, engine, state, tracker, lr)

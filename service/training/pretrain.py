@@ -55,7 +55,7 @@ def run_pretraining(
              train_set.num_shards, f", validation {redact_url(val_url)}" if val_url else "")
 
     launch = open_launch(cfg, train_url=train_url, parent_run_id=parent_run_id, tags=tags, hold_lease=hold_lease)
-    try:
+    with launch.running():  # its MLflow run ends FINISHED, KILLED or FAILED; its lease is released
         loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url)
         result = fit_workers(train_worker, loop_config, cfg, launch, callbacks)
         checkpoint = result.checkpoint
@@ -65,9 +65,6 @@ def run_pretraining(
         if checkpoint is not None and launch.run_id is not None and cfg.mlflow.register:
             registered = register_checkpoint(cfg, checkpoint, launch.tracking_uri, launch.run_id, train_url)
             registered_uri, model_uri = registered["registered_uri"], registered["model_uri"]
-        launch.tracker.finish("FINISHED")
-    finally:
-        launch.release()
     return PretrainResult(
         run_name=cfg.run_name,
         storage_path=launch.storage_label,
@@ -84,9 +81,9 @@ def register_checkpoint(cfg: PretrainConfig, checkpoint: Any, tracking_uri: str,
                         train_url: str) -> dict[str, str | None]:
     """Logs the consolidated model of ``checkpoint`` (a Ray Train Checkpoint) to ``run_id`` and
     registers it (once per checkpoint); on failure warns and returns Nones."""
+    from service.tracking.provenance import provenance
     from service.tracking.registry import (
         export_checkpoint,
-        git_commit,
         register_checkpoint_once,
         write_metadata,
     )
@@ -100,7 +97,7 @@ def register_checkpoint(cfg: PretrainConfig, checkpoint: Any, tracking_uri: str,
     return register_checkpoint_once(
         checkpoint, export, tracking_uri=tracking_uri, run_id=run_id,
         registered_name=cfg.mlflow.registered_model_name,
-        tags={"data": redact_url(train_url), "git_commit": git_commit(), "preset": cfg.model.name, "run_name": cfg.run_name},
+        tags={"data": redact_url(train_url), **provenance(), "preset": cfg.model.name, "run_name": cfg.run_name},
         metadata={"preset": cfg.model.name},
     )
 

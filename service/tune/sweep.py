@@ -35,6 +35,7 @@ from service.config import (
 )
 from service.config.sweep import Dimension, parse_space
 from service.tracking import Tracker, find_run_id, open_run
+from service.tracking.provenance import provenance
 from service.tune.asha import TIME_ATTR, ResumableASHA
 from service.tune.space import concurrent_trials, param_space, resolve_objective, trial_resources
 
@@ -82,11 +83,12 @@ def trial_run_name(sweep_name: str, trial_id: str) -> str:
 class TrialSummary:
     trial_id: str
     params: dict[str, Any]
-    status: str  # completed | stopped early | error
+    status: str  # completed | stopped early | error | unfinished
     epochs: int
     objective: float | None
     train_loss: float | None
     checkpoint_path: str | None
+    error: str | None = None  # why an errored trial failed
 
 
 @dataclass
@@ -168,75 +170,88 @@ def _run_sweep(cfg: TuneJobConfig, dims: list[Dimension], base: PretrainConfig, 
     storage_path, storage_fs = storage_location(cfg.sweep.storage_path, cfg.storage)
     experiment_path = _join(storage_path, cfg.sweep.name)
     storage_label = redact_url(_join(cfg.sweep.storage_path.rstrip("/"), cfg.sweep.name))
+    restoring = tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs)
+    if restoring and not cfg.sweep.resume:
+        # Refused before the parent run is opened: that would be the existing sweep's run.
+        raise ConfigError(f"sweep.name={cfg.sweep.name!r} already exists under {cfg.sweep.storage_path}; "
+                          "choose a new name or set sweep.resume=true to continue it")
     parent = open_parent_run(cfg, tracking_uri, storage_label, dims, metric, mode)
     parent_run_id = parent.run_id if parent.enabled else None
-
-    # Mid-epoch checkpoints report no validation metric; Tune's scheduler and searchers skip
-    # such results, and this keeps Tune from rejecting them.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, context={"base": to_dict(base), "sweep_name": cfg.sweep.name,
-                                                  "parent_run_id": parent_run_id, "env": forwarded_env(),
-                                                  "credentials": share_credentials()}),
-        {"cpu": cfg.sweep.driver_cpus},
-    )
-    restoring = cfg.sweep.resume and tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs)
-    if restoring:
-        log.info("resuming sweep %s from %s: finished trials are kept, unfinished ones continue",
-                 cfg.sweep.name, storage_label)
-        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=storage_fs)
-    else:
-        if tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs):
-            raise ConfigError(f"sweep.name={cfg.sweep.name!r} already exists under {cfg.sweep.storage_path}; "
-                              "choose a new name or set sweep.resume=true to continue it")
-        log.info("sweep %s: %d dimension(s), objective %s (%s), %s searcher, %s scheduler, "
-                 "up to %d concurrent trial(s) of %s", cfg.sweep.name, len(dims), metric, mode,
-                 cfg.sweep.searcher, cfg.sweep.scheduler, concurrency, per_trial)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(dims, cfg.sweep.searcher),
-            tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, num_samples=cfg.sweep.num_samples,
-                max_concurrent_trials=concurrency, search_alg=searcher_for(cfg),
-                scheduler=scheduler_for(cfg, _join(absolute_url(cfg.sweep.storage_path), cfg.sweep.name,
-                                                "asha_state.json")),
-            ),
-            run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=storage_path,
-                                      storage_filesystem=storage_fs),
+    with parent.ending_run():  # KILLED or FAILED when the sweep itself is stopped or fails
+        # Mid-epoch checkpoints report no validation metric; Tune's scheduler and searchers skip
+        # such results, and this keeps Tune from rejecting them.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        trainable = tune.with_resources(
+            tune.with_parameters(_run_trial, context={"base": to_dict(base), "sweep_name": cfg.sweep.name,
+                                                      "parent_run_id": parent_run_id, "env": forwarded_env(),
+                                                      "credentials": share_credentials()}),
+            {"cpu": cfg.sweep.driver_cpus},
         )
-    grid = tuner.fit()
+        if restoring:
+            log.info("resuming sweep %s from %s: finished trials are kept, unfinished ones continue",
+                     cfg.sweep.name, storage_label)
+            tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=storage_fs)
+        else:
+            log.info("sweep %s: %d dimension(s), objective %s (%s), %s searcher, %s scheduler, "
+                     "up to %d concurrent trial(s) of %s", cfg.sweep.name, len(dims), metric, mode,
+                     cfg.sweep.searcher, cfg.sweep.scheduler, concurrency, per_trial)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(dims, cfg.sweep.searcher),
+                tune_config=tune.TuneConfig(
+                    metric=metric, mode=mode, num_samples=cfg.sweep.num_samples,
+                    # The variant generator holds its own limit (see searcher_for).
+                    max_concurrent_trials=concurrency if cfg.sweep.searcher == "tpe" else None,
+                    search_alg=searcher_for(cfg, concurrency),
+                    scheduler=scheduler_for(cfg, _join(absolute_url(cfg.sweep.storage_path), cfg.sweep.name,
+                                                    "asha_state.json")),
+                ),
+                run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=storage_path,
+                                          storage_filesystem=storage_fs),
+            )
+        grid = tuner.fit()
 
-    # Tune returns normally after a stop signal (Ctrl+C, SIGUSR1), having marked the trials it
-    # cut short as terminated in memory; the experiment state it saved for resuming says which.
-    from ray.tune import ExperimentAnalysis
+        # Tune returns normally after a stop signal (Ctrl+C, SIGUSR1), having marked the trials it
+        # cut short as terminated in memory; the experiment state it saved for resuming says which.
+        from ray.tune import ExperimentAnalysis
 
-    saved = ExperimentAnalysis(experiment_path, storage_filesystem=storage_fs)
-    statuses = {t.trial_id: t.status for t in saved.trials}
-    trials = sorted((_summarise(r, metric, cfg.train.epochs, statuses) for r in grid), key=lambda t: t.trial_id)
-    interrupted = any(t.status == "unfinished" for t in trials)
-    scored = [t for t in trials if t.objective is not None and math.isfinite(t.objective)]
-    best = (max if mode == "max" else min)(scored, key=lambda t: t.objective) if scored else None
-    table = format_table(trials, metric, best)
-    registered_uri = None
-    if interrupted:
-        log.warning("sweep %s was interrupted with unfinished trials; run the same command again to resume it",
-                    cfg.sweep.name)
-    elif best is not None and cfg.mlflow.register:
-        registered_uri = _register_best(cfg, base, best, storage_fs, tracking_uri, train_url)
-    _finish_parent_run(parent, trials, best, metric, table, registered_uri, "KILLED" if interrupted else "FINISHED")
-    return SweepResult(cfg.sweep.name, metric, mode, trials, best, parent_run_id, tracking_uri,
-                       registered_uri, storage_label, table, interrupted)
+        saved = ExperimentAnalysis(experiment_path, storage_filesystem=storage_fs)
+        statuses = {t.trial_id: t.status for t in saved.trials}
+        trials = sorted((_summarise(r, metric, cfg.train.epochs, statuses) for r in grid), key=lambda t: t.trial_id)
+        end_trial_runs(cfg, tracking_uri, trials)
+        interrupted = any(t.status == "unfinished" for t in trials)
+        scored = [t for t in trials if t.objective is not None and math.isfinite(t.objective)]
+        best = (max if mode == "max" else min)(scored, key=lambda t: t.objective) if scored else None
+        table = format_table(trials, metric, best)
+        registered_uri = None
+        if interrupted:
+            log.warning("sweep %s was interrupted with unfinished trials; run the same command again to resume it",
+                        cfg.sweep.name)
+        elif best is not None and cfg.mlflow.register:
+            registered_uri = _register_best(cfg, base, best, storage_fs, tracking_uri, train_url)
+        _finish_parent_run(parent, trials, best, metric, table, registered_uri, "KILLED" if interrupted else "FINISHED")
+        return SweepResult(cfg.sweep.name, metric, mode, trials, best, parent_run_id, tracking_uri,
+                           registered_uri, storage_label, table, interrupted)
 
 
 def _join(*parts: str) -> str:
     return "/".join([parts[0].rstrip("/"), *parts[1:]])
 
 
-def searcher_for(cfg: TuneJobConfig) -> Any:
-    """The search algorithm of ``sweep.searcher`` (None: Tune's own variant generator)."""
+def searcher_for(cfg: TuneJobConfig, max_concurrent: int = 0) -> Any:
+    """The search algorithm of ``sweep.searcher``, drawing from ``sweep.seed``.
+
+    random and grid: Tune's variant generator (grid dimensions enumerated, the rest sampled),
+    seeded: left to itself it draws from numpy's global state, and two identical sweeps would
+    try different values. It limits concurrency itself (``max_concurrent``, 0: no limit): Tune
+    applies ``max_concurrent_trials`` to ``Searcher``s only. tpe: Optuna's TPE sampler (Tune
+    limits its concurrency).
+    """
     if cfg.sweep.searcher != "tpe":
-        return None  # Tune's default: grid dimensions enumerated, the rest sampled at random
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=cfg.sweep.seed)
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as exc:  # optuna is a dependency; say so if an environment lacks it
@@ -276,6 +291,7 @@ def _summarise(result: Any, metric: str, epochs: int, statuses: dict[str, str]) 
         objective=float(value) if value is not None else None,
         train_loss=float(loss) if loss is not None else None,
         checkpoint_path=metrics.get("checkpoint_path"),
+        error=f"{type(result.error).__name__}: {result.error}" if result.error is not None else None,
     )
 
 
@@ -314,12 +330,40 @@ def open_parent_run(cfg: TuneJobConfig, tracking_uri: str, storage_label: str, d
                       identity={SWEEP_TAG: cfg.sweep.name, SWEEP_STORAGE_TAG: storage_label},
                       run_name=cfg.sweep.name, resume=True, tags={"convmae.kind": "sweep"},
                       enabled=cfg.mlflow.enabled)
+    parent.set_tags(provenance())  # the code of this (possibly resumed) session
     parent.log_params({**{f"space.{d.key}": cfg.sweep.space[d.key] for d in dims},
                        **{f"sweep.{k}": v for k, v in flatten(cfg.sweep, redact=True).items()
                           if not k.startswith("space.")},
                        "objective": metric, "mode": mode})
     parent.log_dict(redacted(cfg), "sweep_config.json")
     return parent
+
+
+# The MLflow status of a trial's run, by the trial's fate in the sweep.
+TRIAL_RUN_STATUS = {"completed": "FINISHED", "stopped early": "KILLED", "error": "FAILED", "unfinished": "KILLED"}
+
+
+def end_trial_runs(cfg: TuneJobConfig, tracking_uri: str, trials: list[TrialSummary]) -> None:
+    """Gives each trial's run the status its fate deserves.
+
+    Tune tears a trial's actor down as soon as the trial is decided: stopped early by ASHA,
+    stopped by ASHA at its last epoch (so completed trials too), cut short by an interrupted
+    sweep. ``run_pretraining`` is then still waiting on the Train controller: no exception or
+    ``finally`` runs there, and its run would stay RUNNING forever. Only this driver knows the
+    verdict.
+    """
+    from service.training.launch import RUN_NAME_TAG
+
+    if not cfg.mlflow.enabled:
+        return
+    for trial in trials:
+        run_id = find_run_id(tracking_uri, cfg.mlflow.experiment,
+                             {RUN_NAME_TAG: trial_run_name(cfg.sweep.name, trial.trial_id)})
+        if run_id is None:  # never started (or MLflow is down: already warned)
+            continue
+        tracker, wanted = Tracker(tracking_uri, run_id), TRIAL_RUN_STATUS[trial.status]
+        if tracker.status() != wanted:  # a failed trial's own FAILED (and error tag) stays
+            tracker.finish(wanted, error=(trial.error or "the trial failed") if wanted == "FAILED" else None)
 
 
 def _register_best(cfg: TuneJobConfig, base: PretrainConfig, best: TrialSummary, storage_fs: Any,

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.fixtures.mlflow_server import env_without_mlflow_uris, register_tiny_model
+
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
@@ -80,3 +82,29 @@ def test_evaluate_prints_the_table_and_writes_json(digits_dir, tmp_path, capsys)
         assert row in printed
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert f"{saved['metrics']['eval/knn_top1']:.2%}" in printed
+
+
+@pytest.mark.parametrize("job", ["reconstruct", "evaluate"])
+def test_tracking_uri_flag_finds_a_registered_model_without_mlflow_env(job, digits_dir, tmp_path, monkeypatch):
+    # models:/ used to be resolved against MLflow's global URI: "Registered Model ... not found"
+    # unless MLFLOW_TRACKING_URI was exported, and a stray ./mlflow.db.
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    run_id = register_tiny_model(uri, "convmae-cli", tmp_path, monkeypatch)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    args = {"reconstruct": ["--images", "2", "--out", str(tmp_path / "grid.png"), "--log_to_run", "true"],
+            "evaluate": ["--train_samples", "200", "--linear_probe", "false"]}[job]
+    out = subprocess.run([sys.executable, str(JOBS / f"{job}.py"), "--model", "models:/convmae-cli@champion",
+                          "--tracking_uri", uri, "--data.embedded_dir", str(digits_dir),
+                          "--data.loader_workers", "0", *args],
+                         cwd=cwd, env=env_without_mlflow_uris(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert list(cwd.iterdir()) == []  # no mlflow.db, no mlruns
+    from mlflow import MlflowClient
+
+    run = MlflowClient(uri).get_run(run_id)  # results went back onto the model's own run
+    if job == "evaluate":
+        assert "eval/knn_top1" in run.data.metrics
+    else:
+        assert [a.path for a in MlflowClient(uri).list_artifacts(run_id, "reconstructions")] == \
+            ["reconstructions/grid.png"]

@@ -1,12 +1,18 @@
 """Registering a checkpoint's model in a real MLflow server: once per checkpoint, never fatal."""
 
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
 
 import convmae
 from service.tracking.registry import CHECKPOINT_TAG, load_model, register_checkpoint_once
+from tests.fixtures.mlflow_server import env_without_mlflow_uris, register_tiny_model
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture()
@@ -71,3 +77,25 @@ def test_a_failing_export_is_a_warning_not_an_error(mlflow_server, run, tmp_path
     out = register(mlflow_server, run_id, name, checkpoint_of(tmp_path / "ckpt"), broken)
     assert out == {"registered_uri": None, "model_uri": None, "version": None}
     assert "shards missing" in caplog.text and str(tmp_path / "ckpt") in caplog.text
+
+
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_load_model_in_a_fresh_process_honours_its_uri_and_writes_nothing_to_the_cwd(store, mlflow_server,
+                                                                                   tmp_path, monkeypatch):
+    # MLflow resolves models:/ through its global registry URI: without MLFLOW_TRACKING_URI it
+    # looked in (and created) ./mlflow.db and found no such model.
+    uri = mlflow_server if store == "server" else f"sqlite:///{tmp_path}/store/mlruns.db"
+    (tmp_path / "store").mkdir()
+    name = f"fresh-{uuid.uuid4().hex[:8]}"
+    run_id = register_tiny_model(uri, name, tmp_path, monkeypatch)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from service.tracking.registry import load_model\n"
+            "for model_uri in sys.argv[3:]:\n"
+            "    print(model_uri, type(load_model(model_uri, tracking_uri=sys.argv[2])).__name__)\n")
+    uris = [f"models:/{name}/1", f"models:/{name}@champion", f"models:/{name}/latest", f"runs:/{run_id}/model"]
+    out = subprocess.run([sys.executable, "-c", code, str(REPO), uri, *uris], cwd=cwd, env=env_without_mlflow_uris(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [w for u in uris for w in (u, "ConvMAE")]
+    assert list(cwd.iterdir()) == []  # no mlflow.db, no mlruns

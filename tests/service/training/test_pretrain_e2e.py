@@ -9,6 +9,8 @@ from mlflow import MlflowClient
 from ray.train import UserCallback
 
 from service.config import PretrainConfig, with_overrides
+from service.tracking import ERROR_TAG
+from service.tracking.provenance import provenance
 from service.training.pretrain import run_pretraining
 
 pytestmark = pytest.mark.e2e
@@ -39,12 +41,11 @@ def tiny_config(tmp_path, digits_dir, **overrides) -> PretrainConfig:
 
 
 def loss_by_step(tracking_uri: str, run_id: str) -> dict[int, float]:
-    """The last logged train/loss of each step (a step redone after a failure counts once)."""
+    """The train/loss of each step; a step redone after a failure or resume has one point only."""
     history = MlflowClient(tracking_uri).get_metric_history(run_id, "train/loss")
-    out: dict[int, float] = {}
-    for m in sorted(history, key=lambda m: m.timestamp):
-        out[m.step] = m.value
-    return out
+    steps = [m.step for m in history]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {sorted(s for s in set(steps) if steps.count(s) > 1)}"
+    return {m.step: m.value for m in history}
 
 
 def test_s3_data_and_checkpoints_survive_a_worker_failure_and_register_the_model(
@@ -76,13 +77,17 @@ def test_s3_data_and_checkpoints_survive_a_worker_failure_and_register_the_model
     assert 1 <= len(checkpoints) <= 2  # keep_last
     assert result.checkpoint_path.startswith(f"{bucket}/runs/s3-run/checkpoint_")
 
-    # Steps 5 and 6 ran twice (the failure came after the step-4 checkpoint): nothing later was lost.
+    # Steps 5 and 6 ran twice (the failure came after the step-4 checkpoint): nothing later was
+    # lost, and the redone steps were not logged twice.
     losses = loss_by_step(mlflow_server, result.mlflow_run_id)
     assert sorted(losses) == list(range(1, 11))
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(result.mlflow_run_id)
     assert run.data.params["dist.zero_stage"] == "2" and run.data.params["model.name"] == "convmae_tiny"
+    assert run.info.status == "FINISHED"
+    code = provenance()  # this checkout's provenance, on the run and on the model version
+    assert {k: run.data.tags[k] for k in code} == code
     assert "deepspeed_config.json" in [a.path for a in client.list_artifacts(result.mlflow_run_id)]
     # Per log window: where step time goes, and the gradient norm.
     assert 0.0 <= run.data.metrics["train/data_wait_frac"] <= 1.0
@@ -90,6 +95,7 @@ def test_s3_data_and_checkpoints_survive_a_worker_failure_and_register_the_model
     assert [a.path for a in client.list_artifacts(result.mlflow_run_id, "profile")] == ["profile/trace.json"]
     version = client.get_model_version("e2e-tiny", "1")
     assert version.tags["data"] == cfg.data.url and version.tags["preset"] == "convmae_tiny"
+    assert version.tags["git_commit"] == code["git_commit"] and version.tags["git_dirty"] == code["git_dirty"]
 
     from service.runtime.engine import consolidated_state_dict
     from service.tracking.registry import load_model
@@ -114,9 +120,15 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(ray_cluster, digits
     with pytest.raises(Exception):  # noqa: B017 - Ray's TrainingFailedError, whatever its module
         run_pretraining(interrupted)
     assert (tmp_path / "interrupted").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    [failed] = client.search_runs([client.get_experiment_by_name(interrupted.mlflow.experiment).experiment_id],
+                                  filter_string="tags.`convmae.run_name` = 'interrupted'")
+    assert failed.info.status == "FAILED"  # not RUNNING forever
+    assert "Error" in failed.data.tags[ERROR_TAG]
     resumed = run_pretraining(interrupted)
 
-    assert resumed.mlflow_run_id is not None
+    assert resumed.mlflow_run_id == failed.info.run_id  # the run continued, and finished
+    assert client.get_run(resumed.mlflow_run_id).info.status == "FINISHED"
     a = loss_by_step(straight.tracking_uri, straight.mlflow_run_id)
     b = loss_by_step(resumed.tracking_uri, resumed.mlflow_run_id)
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))

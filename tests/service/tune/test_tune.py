@@ -159,7 +159,7 @@ def test_tpe_searcher_is_optuna_tpe_over_the_space_and_asha_runs_on_epochs():
     searcher = searcher_for(cfg)
     assert isinstance(searcher, OptunaSearch)
     assert isinstance(searcher._sampler, optuna.samplers.TPESampler)
-    assert searcher_for(job()) is None  # random: Tune's own variant generator
+    assert searcher_for(job(**{"sweep.searcher": "random"}), 3).max_concurrent == 3  # Tune's variant generator
     scheduler = scheduler_for(cfg, "/tmp/unused/asha_state.json")
     assert scheduler._time_attr == TIME_ATTR and scheduler._max_t == 8
     assert [milestone for milestone, _ in scheduler._brackets[0]._rungs] == [8, 4, 2]  # grace 2, factor 2, up to 8
@@ -170,3 +170,33 @@ def test_grid_values_the_model_size_cannot_take_fail_up_front():
     with pytest.raises(ConfigError, match=r"sweep.space.model.mask_ratio: value 0.9 .*at most 0.75"):
         job(**{"sweep.space": {"model.mask_ratio": "grid [0.6, 0.9]"}}).validate()
     job(**{"model.img_size": 64, "sweep.space": {"model.mask_ratio": "grid [0.6, 0.9]"}}).validate()
+
+
+def drawn_params(cfg: TuneJobConfig) -> list[dict]:
+    """The trial configs the sweep's search algorithm draws, without running any trial."""
+    from ray.tune.experiment import Experiment
+
+    from service.tune.sweep import searcher_for
+
+    search = searcher_for(cfg, max_concurrent=1)
+    search.add_configurations([Experiment("draws", lambda config: None, num_samples=cfg.sweep.num_samples,
+                                          config=param_space(parse_space(cfg), cfg.sweep.searcher))])
+    drawn = []
+    while (trial := search.next_trial()) is not None:
+        drawn.append(trial.config)
+        search.on_trial_complete(trial.trial_id)  # frees the one concurrent slot
+    return drawn
+
+
+def test_sweep_seed_makes_random_and_grid_sweeps_draw_the_same_trials():
+    space = {"model.mask_ratio": "grid [0.6, 0.75]", "train.blr": "loguniform [1e-4, 1e-3]"}
+    random = job(**{"sweep.searcher": "random", "sweep.num_samples": 3, "sweep.seed": 5, "sweep.space": space})
+    first = drawn_params(random)
+    assert len(first) == 6 and len({d["train.blr"] for d in first}) == 6
+    assert drawn_params(random) == first  # the same sweep again: the same learning rates
+    assert drawn_params(with_overrides(random, {"sweep.seed": 6})) != first
+
+    grid = job(**{"sweep.searcher": "grid", "sweep.num_samples": 2, "sweep.seed": 5,
+                  "sweep.space": {"model.mask_ratio": "grid [0.6, 0.75]", "train.blr": "choice [1e-4, 1e-3]"}})
+    assert drawn_params(grid) == drawn_params(grid)
+    assert len(drawn_params(grid)) == 8  # 2 x 2 values, num_samples times

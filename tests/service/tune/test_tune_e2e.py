@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from service.config import TuneJobConfig, with_overrides
+from service.tracking.provenance import provenance
 from service.tracking.registry import load_model
 from service.tune.sweep import SWEEP_TAG, run_sweep
 
@@ -110,6 +111,11 @@ def test_sweep_stops_bad_trials_resumes_after_interruption_and_registers_the_bes
     finished_run = next(r for r in child_runs(client, client.get_run(first.parent_run_id).info.experiment_id,
                                               first.parent_run_id)
                         if r.data.tags["convmae.trial_id"] == finished.trial_id)
+    assert finished_run.info.status == "FINISHED"
+    # Tune tore the cut-short trial down without telling its driver: the sweep ended its run.
+    [cut_short] = [r for r in child_runs(client, finished_run.info.experiment_id, first.parent_run_id)
+                   if r.info.run_id != finished_run.info.run_id]
+    assert cut_short.info.status == "KILLED"
     finished_history = client.get_metric_history(finished_run.info.run_id, "train/loss")
     finished_checkpoints = checkpoints(experiment, f"lr-{finished.trial_id}")
     assert finished_checkpoints
@@ -139,6 +145,10 @@ def test_sweep_stops_bad_trials_resumes_after_interruption_and_registers_the_bes
     assert all(r.data.tags[SWEEP_TAG] == "lr" for r in children)
     assert all(r.data.params["train.blr"] in ("0.002", "1e-08") for r in children)
     assert all(client.get_metric_history(r.info.run_id, "val/recon_loss") for r in children)
+    # Every run ended with the status it deserves: the stopped trial's is not RUNNING forever.
+    status = {r.data.tags["convmae.trial_id"]: r.info.status for r in children}
+    assert status == {finished.trial_id: "FINISHED", bad.trial_id: "KILLED"}
+    assert parent.data.tags["git_commit"] == provenance()["git_commit"]
 
     assert second.registered_uri == "models:/sweep-tiny@best-sweep-lr"
     version = client.get_model_version_by_alias("sweep-tiny", "best-sweep-lr")
