@@ -27,27 +27,44 @@ def deepspeed_config(cfg: TrainingJobConfig, *, use_gpu: bool, precision: str, l
     """The DeepSpeed JSON config, generated from our config (never hand-written per run)."""
     t, d = cfg.train, cfg.dist
     zero: dict[str, Any] = {"stage": d.zero_stage}
-    if use_gpu:
-        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_scatter=True)
-    else:
-        # gloo has no reduce_scatter; all-reduce instead and keep CPU runs simple.
-        zero.update(overlap_comm=False, contiguous_gradients=False, reduce_scatter=False)
+    # Overlapping the gradient reduction with the backward pass (and the contiguous buckets and
+    # reduce-scatter that go with it) pays only when there is something to communicate: more than
+    # one GPU worker. With one they only add per-parameter copies (benchmarks/train_step.py, CPU
+    # bf16, convmae_small, batch 8: 16,481 aten ops per step with contiguous_gradients, 13,996
+    # without), and the H200 ZeRO-2 step went from 882 to 1338 img/s with them off. gloo (CPU)
+    # has no reduce_scatter.
+    overlap = use_gpu and d.num_workers > 1
+    zero.update(overlap_comm=overlap, contiguous_gradients=overlap, reduce_scatter=overlap)
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    elif t.clip_grad is None and d.zero_stage in (1, 2):
+        # Without clipping nothing needs the global gradient norm, which ZeRO-1/2 otherwise compute
+        # tensor by tensor every step (a norm, a cast and a copy per parameter tensor); the
+        # train/grad_norm metric is then not logged.
+        zero["compute_grad_norm"] = False
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.batch_size_per_worker,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "train_batch_size": t.batch_size_per_worker * t.grad_accum_steps * d.num_workers,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        # DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master weights in the ZeRO
+        # optimizer), not its "torch_autocast" mode (fp32 weights under torch.autocast): measured
+        # with benchmarks/train_step.py (CPU bf16, convmae_small, batch 8, ZeRO-2) autocast casts
+        # the fp32 weights to bf16 again at every forward (16,429 aten ops per step against
+        # 13,996) and keeps weights and gradients in fp32 (twice the bytes).
+        # check_grad_overflow: DeepSpeed 0.19 checks every gradient tensor for inf/NaN before each
+        # step (isfinite/amax/amin/... and a host sync per tensor: 30,682 against the bare model's
+        # 12,003 aten ops per step), which bf16, with fp32's exponent range and no loss scale, does
+        # not need; a non-finite loss still stops the run in the training loop.
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
         # CPU runs pass torch's AdamW as a client optimizer (DeepSpeed's fused Adam is CUDA-only).
         "zero_allow_untested_optimizer": True,
+        # Always written: DeepSpeed's default is to clip at 1.0, and train.clip_grad=null means none.
+        "gradient_clipping": t.clip_grad if t.clip_grad is not None else 0.0,
     }
-    if t.clip_grad is not None:
-        config["gradient_clipping"] = t.clip_grad
     if use_gpu:
         # DeepSpeed's own AdamW: FusedAdam on GPU, DeepSpeedCPUAdam with offload.
         config["optimizer"] = {
@@ -55,6 +72,19 @@ def deepspeed_config(cfg: TrainingJobConfig, *, use_gpu: bool, precision: str, l
             "params": {"lr": lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay},
         }
     return config
+
+
+def fused_adamw(groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """torch's AdamW with its fused kernel (CUDA, and CPU since torch 2.4), else the default one.
+
+    The default on CPU is a loop of element-wise ops per tensor: on the ZeRO partitions of
+    convmae_small (CPU, bf16 engine, batch 8) its step took 184 ms against 20 ms fused
+    (benchmarks/train_step.py, profiled).
+    """
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=True)
+    except (RuntimeError, TypeError):  # no fused kernel for these tensors in this torch
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
 
 
 def engine_dtype(ds_config: dict[str, Any]) -> torch.dtype:
@@ -75,20 +105,22 @@ class Engine:
 
     @classmethod
     def build(cls, model: torch.nn.Module, cfg: TrainingJobConfig, *, use_gpu: bool, precision: str, lr: float,
-              groups: list[dict[str, Any]] | None = None, compile_model: bool = False) -> Engine:
+              groups: list[dict[str, Any]] | None = None, compile_model: bool = False,
+              ds_config: dict[str, Any] | None = None) -> Engine:
         """An engine over ``model``; the process group is the one Ray Train set up.
 
         ``groups``: the optimizer's parameter groups (default ``param_groups``); fine-tuning
         passes ``layer_decay_param_groups``. ``compile_model``: ``torch.compile`` the model's
         forward in place (``nn.Module.compile``), so parameter and state-dict names, and so
-        checkpoints, stay those of the eager model.
+        checkpoints, stay those of the eager model. ``ds_config``: a DeepSpeed config to use
+        instead of the one generated from ``cfg`` (benchmarks measuring alternatives).
         """
         import deepspeed
 
         if compile_model:
             model.compile()
 
-        ds_config = deepspeed_config(cfg, use_gpu=use_gpu, precision=precision, lr=lr)
+        ds_config = ds_config or deepspeed_config(cfg, use_gpu=use_gpu, precision=precision, lr=lr)
         if not torch.distributed.is_initialized():
             # Single process outside Ray Train (a benchmark or notebook).
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -97,7 +129,7 @@ class Engine:
         if "optimizer" in ds_config:
             ds_engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.train.betas, eps=1e-8)
+            optimizer = fused_adamw(groups, lr=lr, betas=cfg.train.betas)
             ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         return cls(ds_engine, ds_config)
 

@@ -164,7 +164,7 @@ def run_epochs(
     t, ctx, engine, state, tracker = cfg.train, session.ctx, session.engine, session.state, session.tracker
     total_steps = schedule.total_steps
     meter = ProgressMeter(total_steps=total_steps, start_step=state.optimizer_step)
-    window = _LossWindow(ctx.device)
+    window = LossWindow(ctx.device)
     images_per_micro = t.batch_size_per_worker * ctx.world_size
     micro_limit = schedule.steps_per_epoch * t.grad_accum_steps  # leftover micro-batches never straddle epochs
     last_saved_step = state.optimizer_step
@@ -203,7 +203,7 @@ def run_epochs(
             state.loader_state = loader.state_dict()
             profiler.step()
             if state.optimizer_step % t.log_every_steps == 0 or state.optimizer_step == total_steps:
-                _log_progress(session, window, meter, lr, loader, t.epochs)
+                log_progress(session, window, meter, lr, loader, t.epochs)
             _maybe_inject_fault(state.optimizer_step, ctx.rank)
             if state.optimizer_step >= total_steps:
                 epoch_finished = state.micro_in_epoch >= micro_limit
@@ -243,7 +243,7 @@ def _timed(loader: Any, meter: ProgressMeter) -> Iterator[dict[str, Any]]:
         yield batch
 
 
-class _LossWindow:
+class LossWindow:
     """Sum and count of the losses since the last log step, kept on the device."""
 
     def __init__(self, device: torch.device) -> None:
@@ -265,7 +265,7 @@ class _LossWindow:
         return float(summed[0] / max(float(summed[1]), 1.0))
 
 
-def _log_progress(session: WorkerSession, window: _LossWindow, meter: ProgressMeter, lr: float, loader: Any,
+def log_progress(session: WorkerSession, window: LossWindow, meter: ProgressMeter, lr: float, loader: Any,
                   epochs: int) -> None:
     """The progress line and step metrics (every rank calls this: the loss is averaged over workers)."""
     state = session.state

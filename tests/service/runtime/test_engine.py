@@ -25,6 +25,30 @@ def test_deepspeed_config_is_generated_from_the_run_config():
     assert gpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
 
 
+def test_deepspeed_config_leaves_out_per_tensor_work_a_single_worker_does_not_need():
+    one = with_overrides(PretrainConfig(), {"dist.num_workers": 1, "dist.zero_stage": 2})
+    gpu = deepspeed_config(one, use_gpu=True, precision="bf16", lr=1e-3)
+    assert gpu["bf16"] == {"enabled": True, "check_grad_overflow": False}  # no inf/NaN scan per tensor
+    assert gpu["gradient_clipping"] == 0.0  # clip_grad=null: none (DeepSpeed's own default is 1.0)
+    assert gpu["zero_optimization"]["compute_grad_norm"] is False  # nothing uses the norm
+    zero = gpu["zero_optimization"]
+    assert not zero["overlap_comm"] and not zero["contiguous_gradients"] and not zero["reduce_scatter"]
+
+    four = deepspeed_config(with_overrides(one, {"dist.num_workers": 4}), use_gpu=True, precision="bf16", lr=1e-3)
+    zero = four["zero_optimization"]
+    assert zero["overlap_comm"] and zero["contiguous_gradients"] and zero["reduce_scatter"]
+    assert not deepspeed_config(with_overrides(one, {"dist.num_workers": 4}), use_gpu=False, precision="fp32",
+                                lr=1e-3)["zero_optimization"]["overlap_comm"]  # gloo
+
+    clipped = deepspeed_config(with_overrides(one, {"train.clip_grad": 1.0}), use_gpu=True, precision="bf16",
+                               lr=1e-3)
+    assert clipped["gradient_clipping"] == 1.0 and "compute_grad_norm" not in clipped["zero_optimization"]
+    for stage in (0, 3):  # DeepSpeed takes compute_grad_norm=false only at ZeRO-1/2
+        other = deepspeed_config(with_overrides(one, {"dist.zero_stage": stage}), use_gpu=True, precision="bf16",
+                                 lr=1e-3)
+        assert "compute_grad_norm" not in other["zero_optimization"]
+
+
 class _Toy(torch.nn.Module):
     def __init__(self):
         super().__init__()
