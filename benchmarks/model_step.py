@@ -23,39 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the checkout
 
 import convmae  # noqa: E402
+from service.runtime.flops import count_step_flops  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def grouped_conv_backward_flop(
-    grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed, _output_padding,
-    _groups, output_mask, out_shape=None, **kwargs,
-) -> int:
-    """Backward of a convolution: the input gradient and the weight gradient each take as many
-    multiply-adds as the forward conv. torch's stock formula computes the weight gradient as if
-    the conv were dense (it ignores ``groups``), counting a CxC-channel depthwise conv C times
-    over; with this formula the count is right for grouped and ordinary convolutions alike."""
-    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
-    return forward * (int(output_mask[0]) + int(output_mask[1]))
-
-
-def count_step_flops(model, images, mask_ratio, device, dtype, custom: bool) -> tuple[int, int]:
-    """(forward, forward+backward) FLOPs of one step on the eager model."""
-    mapping = {torch.ops.aten.convolution_backward: grouped_conv_backward_flop} if custom else None
-    counter = FlopCounterMode(display=False, custom_mapping=mapping)
-    with counter:
-        with _autocast(device, dtype):
-            loss, _, _ = model(images, mask_ratio=mask_ratio, generator=torch.Generator().manual_seed(0))
-        forward = counter.get_total_flops()
-        loss.backward()
-    for p in model.parameters():
-        p.grad = None
-    return forward, counter.get_total_flops()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

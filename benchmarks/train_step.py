@@ -60,7 +60,6 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the checkout
 
 import convmae  # noqa: E402
-from benchmarks.model_step import count_step_flops, grouped_conv_backward_flop  # noqa: E402
 from service.config import (  # noqa: E402
     DataConfig,
     DistributedConfig,
@@ -70,6 +69,11 @@ from service.config import (  # noqa: E402
     TrainConfig,
 )
 from service.runtime.engine import Engine, deepspeed_config, fused_adamw  # noqa: E402
+from service.runtime.flops import (  # noqa: E402
+    count_step_flops,
+    dense_bf16_peak_flops,
+    grouped_conv_backward_flop,
+)
 from service.runtime.optim import lr_at, param_groups  # noqa: E402
 from service.runtime.worker import worker_context  # noqa: E402
 from service.tracking import NullTracker  # noqa: E402
@@ -80,26 +84,7 @@ from service.training.loop import LossWindow, WorkerSession, log_progress  # noq
 from service.training.pretrain_worker import mask_generator  # noqa: E402
 from service.training.progress import ProgressMeter  # noqa: E402
 
-# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets: (name part,
-# name parts that exclude it, peak). H100 is the SXM part.
-DENSE_BF16_PEAK_TFLOPS: tuple[tuple[str, tuple[str, ...], float], ...] = (
-    ("A100", (), 312.0),
-    ("H100", ("PCIe", "NVL"), 989.0),
-    ("H200", (), 989.0),
-    ("B200", (), 2250.0),
-)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp32": None}
-
-
-def dense_bf16_peak_flops(device: torch.device) -> float | None:
-    """FLOP/s of the device's dense bf16 peak; None on CPU and on GPUs not in the table."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for part, excluded, tflops in DENSE_BF16_PEAK_TFLOPS:
-        if part in name and not any(x in name for x in excluded):
-            return tflops * 1e12
-    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

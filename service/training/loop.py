@@ -25,6 +25,7 @@ import torch
 
 from service.config import TrainingJobConfig
 from service.runtime.engine import Engine
+from service.runtime.flops import dense_bf16_peak_flops
 from service.runtime.optim import lr_at
 from service.runtime.worker import WorkerContext, all_reduce_sum
 from service.tracking import NullTracker, Tracker
@@ -72,6 +73,7 @@ class WorkerSession:
     state: TrainState  # restored from the latest checkpoint, or fresh
     tracker: Tracker  # rank 0 logs to MLflow, the others hold a NullTracker
     lr: float  # the base lr the schedule scales
+    flops_per_image: int | None = None  # forward+backward, for train/tflops and train/mfu
 
     @property
     def is_chief(self) -> bool:
@@ -278,14 +280,27 @@ def log_progress(session: WorkerSession, window: LossWindow, meter: ProgressMete
     log.info(meter.line(epoch=state.epoch, epochs=epochs, step=state.optimizer_step, loss=mean_loss,
                         lr=lr, figures=figures))
     grad_norm = session.engine.grad_norm()
+    compute = _compute_metrics(session, figures["images_per_s"])
     session.tracker.log_metrics(
         {"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": figures["images_per_s"],
          "train/step_time_s": figures["step_time_s"], "train/data_wait_frac": figures["data_wait_frac"],
          "train/epoch": state.epoch, "data/corrupt_samples": loader.corrupt_samples,
-         **({"train/grad_norm": grad_norm} if grad_norm is not None else {}),
+         **({"train/grad_norm": grad_norm} if grad_norm is not None else {}), **compute,
          **_memory_metrics(session.ctx.device)},
         step=state.optimizer_step,
     )
+
+
+def _compute_metrics(session: WorkerSession, images_per_s: float) -> dict[str, float]:
+    """Achieved TFLOP/s per worker and, on GPUs with a known peak, MFU (dense bf16 peak)."""
+    if not session.flops_per_image:
+        return {}
+    per_worker = session.flops_per_image * images_per_s / session.ctx.world_size
+    metrics = {"train/tflops": per_worker / 1e12}
+    peak = dense_bf16_peak_flops(session.ctx.device)
+    if peak:
+        metrics["train/mfu"] = per_worker / peak
+    return metrics
 
 
 def _memory_metrics(device: torch.device) -> dict[str, float]:

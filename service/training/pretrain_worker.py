@@ -11,6 +11,7 @@ import torch
 
 from service.config import PretrainConfig, from_dict
 from service.runtime.credentials import adopt_credentials
+from service.runtime.flops import pretraining_flops_per_image
 from service.runtime.worker import worker_context
 from service.training.loop import (
     EpochEnd,
@@ -47,8 +48,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(m.name, img_size=m.img_size, norm_pix_loss=m.norm_pix_loss)
+    model_config = model.config
     session = start_session(model, cfg, loop_config, ctx)
     engine, state = session.engine, session.state
+    if session.is_chief:  # the one that logs train/tflops and train/mfu
+        session.flops_per_image = pretraining_flops_per_image(model_config, m.mask_ratio)
 
     # The driver resolved the URLs (absolute, embedded set generated); workers must not redo it
     # relative to their own working directory.

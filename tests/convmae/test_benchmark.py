@@ -18,11 +18,12 @@ def load_script():
 
 
 def test_depthwise_conv_backward_counts_twice_the_forward():
-    model_step = load_script()
+    from service.runtime.flops import grouped_conv_backward_flop  # the counter model_step.py uses
+
     conv = nn.Conv2d(16, 16, 5, padding=2, groups=16)
     x = torch.randn(2, 16, 8, 8, requires_grad=True)
     forward = 2 * 2 * 8 * 8 * 16 * 25  # 2 FLOPs per multiply-add, 25 taps per output element
-    mapping = {torch.ops.aten.convolution_backward: model_step.grouped_conv_backward_flop}
+    mapping = {torch.ops.aten.convolution_backward: grouped_conv_backward_flop}
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
     with counter:
         conv(x).sum().backward()
