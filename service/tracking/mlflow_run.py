@@ -113,10 +113,14 @@ class Tracker:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
-    def _safe(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _safe(self, what: str, fn: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``; a string names a method of the MLflow client, looked up only
+        when the tracker is enabled (building a client with no URI creates ./mlflow.db)."""
         if not self.enabled or time.monotonic() < self._paused_until:
             return None
         try:
+            if isinstance(fn, str):
+                fn = getattr(self.client, fn)
             return fn(*args, **kwargs)
         except Exception as exc:  # any MLflow/network failure: warn, pause, carry on
             self.failures += 1
@@ -137,7 +141,7 @@ class Tracker:
         self._paused_until = 0.0  # a recent failure pauses logging; the end status is worth a try
         if error is not None:
             self.set_tags({ERROR_TAG: describe_error(error)})
-        self._safe("end run", self.client.set_terminated, self.run_id, status)
+        self._safe("end run", "set_terminated", self.run_id, status)
 
     @contextmanager
     def ending_run(self) -> Iterator[Tracker]:
@@ -155,7 +159,7 @@ class Tracker:
 
     def status(self) -> str | None:
         """The run's status in MLflow (RUNNING, FINISHED, FAILED, KILLED); None if unreadable."""
-        run = self._safe("read run", self.client.get_run, self.run_id)
+        run = self._safe("read run", "get_run", self.run_id)
         return run.info.status if run is not None else None
 
     def skip_logged_steps(self) -> None:
@@ -166,14 +170,14 @@ class Tracker:
         delete points, so the first ones stay: a resumed run reproduces the uninterrupted one's
         values (same data, masks and seeds), so they are the same curve.
         """
-        run = self._safe("read run", self.client.get_run, self.run_id)
+        run = self._safe("read run", "get_run", self.run_id)
         if run is not None:
             # A run's "latest" metrics are those at each metric's highest step.
             self._logged_through = {m.key: m.step for m in run.data.to_proto().metrics}
 
     def last_step(self, metric: str) -> int | None:
         """The highest step ``metric`` was logged at on this run; None if never (or unreadable)."""
-        history = self._safe("read run", self.client.get_metric_history, self.run_id, metric) or []
+        history = self._safe("read run", "get_metric_history", self.run_id, metric) or []
         return max((m.step for m in history), default=None)
 
     # ------------------------------------------------------------ logging
@@ -183,7 +187,7 @@ class Tracker:
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's per-batch limit
-            self._safe("log params", self.client.log_batch, self.run_id, params=items[i : i + 100])
+            self._safe("log params", "log_batch", self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -192,32 +196,32 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if v is not None and step > self._logged_through.get(k, -1)]
         if items:
-            self._safe("log metrics", self.client.log_batch, self.run_id, metrics=items)
+            self._safe("log metrics", "log_batch", self.run_id, metrics=items)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
-        self._safe("set tags", self.client.log_batch, self.run_id, tags=items)
+        self._safe("set tags", "log_batch", self.run_id, tags=items)
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
-        self._safe("log dict", self.client.log_dict, self.run_id, dict(data), artifact_file)
+        self._safe("log dict", "log_dict", self.run_id, dict(data), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._safe("log text", self.client.log_text, self.run_id, text, artifact_file)
+        self._safe("log text", "log_text", self.run_id, text, artifact_file)
 
     def log_image(self, image: Any, artifact_file: str) -> None:
         """``image``: a PIL image or an (H, W, 3) uint8 array."""
-        self._safe("log image", self.client.log_image, self.run_id, image, artifact_file=artifact_file)
+        self._safe("log image", "log_image", self.run_id, image, artifact_file=artifact_file)
 
     def log_table(self, rows: list[Mapping[str, Any]], artifact_file: str) -> None:
         """``rows`` (one mapping a row, same keys) as an MLflow table artifact."""
         if rows:
             columns = {k: [r.get(k) for r in rows] for k in rows[0]}
-            self._safe("log table", self.client.log_table, self.run_id, columns, artifact_file)
+            self._safe("log table", "log_table", self.run_id, columns, artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._safe("log artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
+        self._safe("log artifact", "log_artifact", self.run_id, str(path), artifact_path)
 
     def log_file_content(self, content: bytes, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -111,3 +111,16 @@ def test_a_resumed_tracker_logs_no_second_point_for_a_redone_step(tmp_path):
     assert {m.step: m.value for m in loss}[5] == 5.0  # the first point of a step stays
     assert sorted(m.step for m in client.get_metric_history(before.run_id, "train/lr")) == [4, 5, 6, 7]
     assert [m.step for m in client.get_metric_history(before.run_id, "val/recon_loss")] == [4, 6]
+
+
+def test_a_disabled_tracker_touches_no_mlflow_store(tmp_path, monkeypatch):
+    """Non-chief ranks and MLflow-off runs log through a NullTracker: no client, no ./mlflow.db."""
+    from service.tracking import NullTracker
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = NullTracker()
+    tracker.log_metrics({"train/loss": 1.0}, step=1)
+    tracker.set_tags({"git_commit": "abc"})
+    tracker.finish("FINISHED")
+    assert list(tmp_path.iterdir()) == []
