@@ -239,7 +239,8 @@ def _strict(schema: Any) -> Any:
 
 
 def crd_schema(kind: str) -> dict[str, Any]:
-    """The vendored, trimmed openAPIV3Schema of a KubeRay kind, as a strict JSON schema."""
+    """The vendored, trimmed openAPIV3Schema of a KubeRay kind (generated from the CRDs of
+    KUBERAY_VERSION by tests/infra/kuberay_schemas.py), as a strict JSON schema."""
     cluster = yaml.safe_load((SCHEMAS / "ray.io_rayclusters.v1.trimmed.yaml").read_text())
     cluster = cluster["openAPIV3Schema"]
     if kind == "RayCluster":
@@ -281,8 +282,8 @@ def as_core_object(core_type: str, value: Any) -> dict[str, Any]:
         c = {"name": "stub", "image": "stub", **container}
         return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": {"containers": [c]}}
 
-    if core_type == "PodTemplateSpec":
-        return {"apiVersion": "v1", "kind": "PodTemplate", "metadata": meta, "template": value}
+    if core_type == "PodSpec":
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": value}
     if core_type == "Service":
         return {
             "apiVersion": "v1",

@@ -61,10 +61,10 @@ def test_kuberay_objects_validate_against_crd_schema(path, index, doc):
 
 @pytest.mark.parametrize("path,index,doc", CRDS, ids=[doc_id(*c) for c in CRDS])
 def test_core_types_embedded_in_kuberay_objects_validate(path, index, doc):
-    """Pod templates, env, resources, ... inside RayCluster/RayJob: the parts the trimmed CRD
+    """Pod specs, env, resources, ... inside RayCluster/RayJob: the parts the trimmed CRD
     schema stubs out, checked against the real core/v1 schema."""
     stubs = list(core_type_stubs(crd_schema(doc["kind"]), doc))
-    assert any(t == "PodTemplateSpec" for _, t, _ in stubs)
+    assert any(t == "PodSpec" for _, t, _ in stubs)
     for where, core_type, value in stubs:
         try:
             _validate_core(as_core_object(core_type, value))
@@ -100,9 +100,9 @@ def test_crd_schema_rejects_broken_raycluster(mutate):
 def test_core_validation_rejects_broken_pod_template():
     doc = _raycluster()
     doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = 3
-    template = doc["spec"]["headGroupSpec"]["template"]
+    pod_spec = doc["spec"]["headGroupSpec"]["template"]["spec"]
     with pytest.raises(kubernetes_validate.ValidationError):
-        _validate_core(as_core_object("PodTemplateSpec", template))
+        _validate_core(as_core_object("PodSpec", pod_spec))
 
 
 # --- what the training service needs from the cluster ----------------------------------------
