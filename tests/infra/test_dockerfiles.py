@@ -10,8 +10,16 @@ import sys
 
 import pytest
 
-from tests.infra.infra_lib import DOCKER, DOCKERFILES, REPO, parse_dockerfile, resolve_base
+from tests.infra.infra_lib import (
+    DOCKER,
+    DOCKERFILES,
+    REPO,
+    load_versions,
+    parse_dockerfile,
+    resolve_base,
+)
 
+VERSIONS = load_versions()
 IDS = [str(p.relative_to(REPO)) for p in DOCKERFILES]
 HADOLINT = shutil.which("hadolint")
 
@@ -237,24 +245,49 @@ def test_entrypoint_worker_needs_head_address():
     assert out.returncode != 0 and "RAY_HEAD_ADDRESS" in out.stderr
 
 
-def test_build_script_passes_every_version_as_build_arg(tmp_path):
-    """docker/build.sh with a stub `docker`: every versions.env key reaches `docker build`."""
+def _build_sh(tmp_path, target):
+    """docker/build.sh with a stub `docker` that prints its arguments, one a line."""
     stub = tmp_path / "docker"
     stub.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
     stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
-    out = subprocess.run(
-        ["bash", str(DOCKER / "build.sh"), "gpu"],
+    return subprocess.run(
+        ["bash", str(DOCKER / "build.sh"), target],
         capture_output=True,
         text=True,
         timeout=30,
         env=env,
         check=True,
     ).stdout.splitlines()
-    from tests.infra.infra_lib import load_versions
 
-    versions = load_versions()
-    build_args = {out[i + 1] for i, a in enumerate(out) if a == "--build-arg"}
-    assert build_args == {f"{k}={v}" for k, v in versions.items()}
-    assert out[out.index("-t") + 1] == versions["GPU_IMAGE"]
+
+def _build_args(out):
+    return [out[i + 1] for i, a in enumerate(out) if a == "--build-arg"]
+
+
+def test_build_script_passes_every_version_as_build_arg(tmp_path):
+    """Every versions.env key reaches `docker build`, as it is in the file."""
+    out = _build_sh(tmp_path, "gpu")
+    assert set(_build_args(out)) == {f"{k}={v}" for k, v in VERSIONS.items()}
+    assert out[out.index("-t") + 1] == VERSIONS["GPU_IMAGE"]
     assert out[out.index("-f") + 1] == "docker/gpu/Dockerfile"
+
+
+def test_build_script_builds_the_blackwell_image_from_the_gpu_dockerfile(tmp_path):
+    out = _build_sh(tmp_path, "gpu-blackwell")
+    args = dict(a.split("=", 1) for a in _build_args(out))
+    assert len(args) == len(_build_args(out)), "each build arg once"
+    for key in ("CUDA_VERSION", "TORCH_CUDA_ARCH_LIST", "RAY_GPU_BASE_IMAGE"):
+        assert args[key] == VERSIONS[f"BLACKWELL_{key}"], key
+    others = {k: v for k, v in VERSIONS.items()
+              if k not in {"CUDA_VERSION", "TORCH_CUDA_ARCH_LIST", "RAY_GPU_BASE_IMAGE"}}  # fmt: skip
+    assert others.items() <= args.items()
+    assert out[out.index("-t") + 1] == VERSIONS["GPU_BLACKWELL_IMAGE"]
+    assert out[out.index("-f") + 1] == "docker/gpu/Dockerfile"
+
+
+def test_build_script_all_builds_every_image(tmp_path):
+    out = _build_sh(tmp_path, "all")
+    tags = [out[i + 1] for i, a in enumerate(out) if a == "-t"]
+    assert sorted(tags) == sorted(VERSIONS[k] for k in (
+        "CPU_IMAGE", "CPU_DEV_IMAGE", "MLFLOW_IMAGE", "GPU_IMAGE", "GPU_BLACKWELL_IMAGE"))  # fmt: skip

@@ -38,7 +38,8 @@ REQUIRED_KEYS = {
     "DEEPSPEED_VERSION", "MLFLOW_VERSION", "S3FS_VERSION", "KUBERAY_VERSION",
     "KUBERNETES_VERSION", "RAY_GPU_BASE_IMAGE", "PYTHON_BASE_IMAGE", "POSTGRES_IMAGE",
     "MINIO_IMAGE", "CONVMAE_VERSION", "IMAGE_REGISTRY", "GPU_IMAGE", "CPU_IMAGE",
-    "CPU_DEV_IMAGE", "MLFLOW_IMAGE", "DEV_TOOL_PINS",
+    "CPU_DEV_IMAGE", "MLFLOW_IMAGE", "DEV_TOOL_PINS", "BLACKWELL_CUDA_VERSION",
+    "BLACKWELL_TORCH_CUDA_ARCH_LIST", "BLACKWELL_RAY_GPU_BASE_IMAGE", "GPU_BLACKWELL_IMAGE",
 }  # fmt: skip
 
 
@@ -98,6 +99,42 @@ def test_derived_values_agree():
     assert V["MLFLOW_IMAGE"] == f"{registry}/mlflow-server:{V['MLFLOW_VERSION']}"
     # CUDA 12.x is the contract of the GPU image (PyTorch 2.13's only 12.x build is cu126).
     assert V["CUDA_VERSION"].startswith("12.")
+    # The Blackwell image: its own CUDA in its base image and tag, Ray and Python as the rest.
+    bw_cuda = nodots(V["BLACKWELL_CUDA_VERSION"])
+    assert V["BLACKWELL_RAY_GPU_BASE_IMAGE"] == f"rayproject/ray:{ray}-py{py}-cu{bw_cuda}"
+    assert V["GPU_BLACKWELL_IMAGE"] == f"{registry}/convmae:{version}-cu{bw_cuda}"
+    assert V["GPU_BLACKWELL_IMAGE"] != V["GPU_IMAGE"]
+    # sm_100 and sm_120 need CUDA 12.8 or newer.
+    assert Version(V["BLACKWELL_CUDA_VERSION"]) >= Version("12.8")
+
+
+def _archs(key):
+    tokens = V[key].split()
+    for t in tokens:
+        # DeepSpeed 0.19.8 parses X.Y and X.Y+PTX only (not 9.0a / 10.0a).
+        assert re.fullmatch(r"\d+\.\d(\+PTX)?", t), f"{key}: {t!r}"
+    return tokens
+
+
+def test_gpu_arch_lists():
+    default = _archs("TORCH_CUDA_ARCH_LIST")
+    assert "9.0" in default  # H100/H200
+    blackwell = _archs("BLACKWELL_TORCH_CUDA_ARCH_LIST")
+    numbers = [Version(t.removesuffix("+PTX")) for t in blackwell]
+    assert numbers == sorted(numbers)
+    assert {"10.0", "9.0", "8.0"} <= {t.removesuffix("+PTX") for t in blackwell}
+    assert any(t.startswith("12.0") for t in blackwell), "RTX PRO 6000 / RTX 50 (sm_120)"
+    assert blackwell[-1].endswith("+PTX"), "PTX of the newest arch, for GPUs newer than the list"
+    if Version(V["BLACKWELL_CUDA_VERSION"]) >= Version("13"):
+        assert min(numbers) >= Version("7.5"), "CUDA 13 no longer compiles for Volta and older"
+
+
+def test_image_variant_keys_replace_gpu_dockerfile_args():
+    """docker/build.sh passes BLACKWELL_<KEY> as <KEY>: each must name an ARG it replaces."""
+    args = {n for n, _, _ in parse_dockerfile(REPO / "docker/gpu/Dockerfile").args_with_defaults()}
+    overrides = {k.removeprefix("BLACKWELL_") for k in V if k.startswith("BLACKWELL_")}
+    assert overrides == {"CUDA_VERSION", "TORCH_CUDA_ARCH_LIST", "RAY_GPU_BASE_IMAGE"}
+    assert overrides <= args
 
 
 def test_install_script_torch_default_matches():
@@ -155,26 +192,37 @@ def _k8s_images_and_ray_versions():
     return images, ray_versions
 
 
+GPU_IMAGES = {V["GPU_IMAGE"], V["GPU_BLACKWELL_IMAGE"]}
+
+
 def test_k8s_images_are_pinned_versions_env_images():
     images, _ = _k8s_images_and_ray_versions()
-    allowed = {V["GPU_IMAGE"], V["MLFLOW_IMAGE"], V["POSTGRES_IMAGE"]}
+    allowed = GPU_IMAGES | {V["MLFLOW_IMAGE"], V["POSTGRES_IMAGE"]}
     assert images
     for where, image in images:
         assert image in allowed, f"{where}: image {image} is not one of versions.env's images"
 
 
 def test_kuberay_uses_gpu_image_and_ray_version():
+    """One of the two GPU images (GPU_IMAGE as committed; GPU_BLACKWELL_IMAGE for Blackwell
+    nodes), the same for every Ray pod of a manifest."""
     images, ray_versions = _k8s_images_and_ray_versions()
-    ray_images = [i for w, i in images if "GroupSpec" in w or "submitter" in w]
-    assert ray_images and set(ray_images) == {V["GPU_IMAGE"]}
+    ray_images = [(w, i) for w, i in images if "GroupSpec" in w or "submitter" in w]
+    assert ray_images
+    by_file: dict[str, set[str]] = {}
+    for where, image in ray_images:
+        by_file.setdefault(where.split(":")[0], set()).add(image)
+    for name, found in by_file.items():
+        assert len(found) == 1 and found <= GPU_IMAGES, f"{name}: {found}"
     assert ray_versions and all(v == V["RAY_VERSION"] for _, v in ray_versions), ray_versions
 
 
 def test_launcher_yaml_uses_gpu_image():
     cfg = yaml_docs(LAUNCHER_YAML)[0]
-    assert cfg["docker"]["image"] == V["GPU_IMAGE"]
+    image = cfg["docker"]["image"]
+    assert image in GPU_IMAGES
     for key in ("head_image", "worker_image"):
-        assert cfg["docker"].get(key, V["GPU_IMAGE"]) == V["GPU_IMAGE"]
+        assert cfg["docker"].get(key, image) == image
 
 
 def test_compose_images_equal_versions_env():
