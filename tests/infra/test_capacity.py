@@ -27,17 +27,23 @@ def _cpu(quantity) -> float:
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
-def _k8s_gpu_pods():
+def _gpu_groups():
+    """(where, RayCluster or RayJob, worker group) for every GPU worker group."""
     for path, _, doc in k8s_docs():
         spec = doc.get("spec") or {}
         cluster = spec if doc["kind"] == "RayCluster" else spec.get("rayClusterSpec")
         if doc["kind"] not in {"RayCluster", "RayJob"} or not cluster:
             continue
         for group in cluster["workerGroupSpecs"]:
-            limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-            gpus = float(limits.get("nvidia.com/gpu", 0))
-            if gpus:
-                yield f"{path.name}:{group['groupName']}", _cpu(limits["cpu"]), gpus
+            if group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu"):
+                yield f"{path.name}:{group['groupName']}", doc, group
+
+
+
+def _k8s_gpu_pods():
+    for where, _, group in _gpu_groups():
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        yield where, _cpu(limits["cpu"]), float(limits["nvidia.com/gpu"])
 
 
 @pytest.mark.parametrize("where,cpus,gpus", list(_k8s_gpu_pods()), ids=lambda v: str(v))
@@ -90,17 +96,6 @@ def _loader_shm_bytes(workers: float) -> float:
     cfg = _preset()
     batch = cfg["train"]["batch_size_per_worker"] * 3 * cfg["model"]["img_size"] ** 2 * 4
     return workers * cfg["data"]["loader_workers"] * 2 * batch
-
-
-def _gpu_groups():
-    for path, _, doc in k8s_docs():
-        spec = doc.get("spec") or {}
-        cluster = spec if doc["kind"] == "RayCluster" else spec.get("rayClusterSpec")
-        if doc["kind"] not in {"RayCluster", "RayJob"} or not cluster:
-            continue
-        for group in cluster["workerGroupSpecs"]:
-            if group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu"):
-                yield f"{path.name}:{group['groupName']}", doc, group
 
 
 GROUPS = list(_gpu_groups())
