@@ -26,9 +26,11 @@ bf16 peak (none on CPU), peak memory (CUDA), host time per step (until the step'
 returns) against device time per step (GPU kernel time, from the profiler; null on CPU), the
 process's CPU time per step (all threads; with ``--threads 1`` on a busy shared machine steadier
 than wall time, as idle OpenMP threads spin), and the aten ops, host syncs
-(``aten::_local_scalar_dense``) and kernel launches of one profiled step. On CPU the op count
-depends on the thread count: with more than one thread ``cat`` dispatches a ``narrow`` (slice,
-as_strided) per input, which DeepSpeed's gradient flattening pays per parameter tensor.
+(``aten::_local_scalar_dense``) and kernel launches of one profiled step. The profiled step runs
+with one intra-op thread: with more, CPU kernels dispatch ops of their own (``cat`` a ``narrow``,
+``slice`` and ``as_strided`` per input and thread chunk, which DeepSpeed's gradient flattening
+pays per parameter tensor), so the count would follow the machine's core count instead of the
+code: with one thread it is the same on every machine.
 
 Synthetic images by default (one fixed CPU batch, copied to the device every step as the loader's
 would be); ``--data URL`` reads batches from the real loader (``service.data.build_train_loader``,
@@ -146,10 +148,15 @@ def profile_step(step: Callable[[], None], device: torch.device, top: int = 0) -
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
-    with profile(activities=activities) as prof:
-        step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the count of the code, not of the core count (module docstring)
+    try:
         _sync(device)
+        with profile(activities=activities) as prof:
+            step()
+            _sync(device)
+    finally:
+        torch.set_num_threads(threads)
     events = prof.events()
     out: dict[str, Any] = {
         "aten_ops": sum(1 for e in events if e.name.startswith("aten::")),

@@ -146,6 +146,13 @@ class EpochEnd:
 LoaderFactory = Callable[[int, "dict[str, Any] | None"], Any]
 
 
+def step_checkpoint_due(optimizer_step: int, every_steps: int, *, epoch_ended: bool) -> bool:
+    """Whether the step cadence saves now. Not on an epoch's last step: the epoch-end
+    checkpoint follows at once with the same position, so saving both would write every such
+    step twice."""
+    return optimizer_step % every_steps == 0 and not epoch_ended
+
+
 def run_epochs(
     session: WorkerSession,
     cfg: TrainingJobConfig,
@@ -210,7 +217,8 @@ def run_epochs(
             if state.optimizer_step >= total_steps:
                 epoch_finished = state.micro_in_epoch >= micro_limit
                 break
-            if state.optimizer_step % cfg.checkpoint.every_steps == 0:
+            if step_checkpoint_due(state.optimizer_step, cfg.checkpoint.every_steps,
+                                   epoch_ended=state.micro_in_epoch >= micro_limit):
                 save({})
 
         finished_epoch = state.epoch

@@ -44,3 +44,23 @@ def test_fp32_is_the_cpu_default_and_ds_set_changes_the_engine_config():
     assert r["deepspeed_config"]["zero_optimization"]["stage"] == 1
     assert r["deepspeed_config"]["bf16"]["enabled"] is False
     assert r["ops_per_step_service"] > 0 and r["service_img_per_s"] > 0
+
+
+def test_op_count_is_the_codes_not_the_core_counts():
+    # With two threads CPU cat dispatches view ops per input chunk; the profiled step runs on one.
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from train_step import profile_step
+
+    tensors = [torch.randn(20_000) for _ in range(50)]
+    threads = torch.get_num_threads()
+    try:
+        counts = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            counts[n] = profile_step(lambda: torch.cat(tensors), torch.device("cpu"))["aten_ops"]
+            assert torch.get_num_threads() == n  # restored after profiling
+    finally:
+        torch.set_num_threads(threads)
+    assert counts[1] == counts[2] == 1

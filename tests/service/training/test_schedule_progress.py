@@ -1,6 +1,7 @@
 import pytest
 
 from service.runtime.optim import lr_at
+from service.training.loop import step_checkpoint_due
 from service.training.progress import ProgressMeter, format_duration
 
 
@@ -24,3 +25,10 @@ def test_progress_line_has_epoch_step_loss_throughput_and_eta():
     assert line.startswith("epoch 1/2 step 10/100 loss 0.5000")
     assert "img/s" in line and "eta " in line
     assert format_duration(3725) == "1:02:05"
+
+
+def test_step_cadence_leaves_an_epochs_last_step_to_the_epoch_end_checkpoint():
+    # 50 steps per epoch, every 25 steps: 25 mid-epoch, 50 by the epoch end only, 75 mid-epoch.
+    due = [s for s in range(1, 101) if step_checkpoint_due(s, 25, epoch_ended=s % 50 == 0)]
+    assert due == [25, 75]
+    assert step_checkpoint_due(50, 25, epoch_ended=False)  # a step that is not an epoch's last
