@@ -87,8 +87,17 @@ class Launch:
             "tracking_uri": self.tracking_uri,
             "mlflow_run_id": self.run_id,
             "credentials": share_credentials(),
+            "job_started_at": process_started_at(),
             **extra,
         }
+
+
+def process_started_at() -> float:
+    """When this driver process started (epoch seconds): the job's start as its user sees it,
+    imports included, for the workers' time-to-first-step."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | None = None,

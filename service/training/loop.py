@@ -74,6 +74,7 @@ class WorkerSession:
     tracker: Tracker  # rank 0 logs to MLflow, the others hold a NullTracker
     lr: float  # the base lr the schedule scales
     flops_per_image: int | None = None  # forward+backward, for train/tflops and train/mfu
+    job_started_at: float | None = None  # the driver process's start, epoch seconds
 
     @property
     def is_chief(self) -> bool:
@@ -108,7 +109,7 @@ def start_session(model: torch.nn.Module, cfg: TrainingJobConfig, loop_config: M
         tracker.skip_logged_steps()
         if state.optimizer_step == 0:
             tracker.log_dict(engine.config, "deepspeed_config.json")
-    return WorkerSession(ctx, engine, state, tracker, lr)
+    return WorkerSession(ctx, engine, state, tracker, lr, job_started_at=loop_config.get("job_started_at"))
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ def run_epochs(
         last_saved_step = state.optimizer_step
 
     profiler = _StepProfiler(t.profile_steps if session.is_chief else 0, tracker)
+    first_step_pending = True
     while state.epoch < t.epochs and state.optimizer_step < total_steps:
         loader = loader_for(state.epoch, state.loader_state)
         epoch_finished = True
@@ -209,6 +211,9 @@ def run_epochs(
                 continue
             state.optimizer_step += 1
             meter.update(0, steps=1)
+            if first_step_pending:
+                first_step_pending = False
+                report_time_to_first_step(session)
             state.loader_state = loader.state_dict()
             profiler.step()
             if state.optimizer_step % t.log_every_steps == 0 or state.optimizer_step == total_steps:
@@ -239,6 +244,16 @@ def run_epochs(
     if last_saved_step != state.optimizer_step:
         save({})
     tracker.close()
+
+
+def report_time_to_first_step(session: WorkerSession) -> None:
+    """Logs how long after the job's start this session's first step ended (driver and rank 0
+    wall clocks): Ray and worker start-up, engine build, checkpoint restore and the first batch."""
+    if not session.is_chief or session.job_started_at is None:
+        return
+    seconds = time.time() - session.job_started_at
+    log.info("first step %d done %.1f s after the job started", session.state.optimizer_step, seconds)
+    session.tracker.log_metrics({"system/time_to_first_step_s": seconds}, step=session.state.optimizer_step)
 
 
 def _timed(loader: Any, meter: ProgressMeter) -> Iterator[dict[str, Any]]:

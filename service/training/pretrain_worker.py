@@ -73,6 +73,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             session.lr,
         )
 
+    if val_url and t.eval_before_training and state.optimizer_step == 0:
+        # The random start, for comparison: what pretraining gained shows in the run itself.
+        start = validate_during_training(engine.module, cfg, val_url, train_url, ctx, session.dtype)
+        if session.is_chief:
+            session.tracker.log_metrics(start, step=0)
+            log.info("before training: %s", ", ".join(f"{k}={v:.4f}" for k, v in start.items()))
+
     recon_batch: torch.Tensor | None = None  # the first images seen: the same grid every epoch
 
     def step(batch: dict[str, Any]) -> torch.Tensor:

@@ -92,6 +92,9 @@ def test_s3_data_and_checkpoints_survive_a_worker_failure_and_register_the_model
     # Per log window: where step time goes, and the gradient norm.
     assert 0.0 <= run.data.metrics["train/data_wait_frac"] <= 1.0
     assert run.data.metrics["train/grad_norm"] > 0
+    # The restarted worker's session logs its own first step: after the failure, so later.
+    first_steps = MlflowClient(mlflow_server).get_metric_history(result.mlflow_run_id, "system/time_to_first_step_s")
+    assert [m.step for m in first_steps] == [1, 5] and 0 < first_steps[0].value < first_steps[1].value
     assert run.data.metrics["train/tflops"] > 0 and "train/mfu" not in run.data.metrics  # no peak on CPU
     assert [a.path for a in client.list_artifacts(result.mlflow_run_id, "profile")] == ["profile/trace.json"]
     version = client.get_model_version("e2e-tiny", "1")
