@@ -89,7 +89,7 @@ def test_shipped_presets_load(tmp_path):
 def test_mask_ratio_must_leave_the_encoder_a_visible_patch():
     from service.config import ConfigError
 
-    small = PretrainConfig()  # convmae_tiny at 32 px: 4 patches of 16x16
+    small = with_overrides(PretrainConfig(), {"model.img_size": 32})  # convmae_tiny: 4 patches of 16x16
     with_overrides(small, {"model.mask_ratio": 0.75}).validate()  # 1 visible
     with pytest.raises(ConfigError, match=r"model.mask_ratio=0.9 is not allowed: at most 0.75 at model.img_size=32"):
         with_overrides(small, {"model.mask_ratio": 0.9}).validate()
