@@ -27,7 +27,8 @@ from service.data.transforms import check_pixels, to_normalized_batch
 class Geometry(Protocol):
     img_size: int
 
-    def geometry(self, img: Image.Image, rng: random.Random | None = None) -> Image.Image: ...
+    def geometry(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """An opened image -> uint8 (3, img_size, img_size) RGB."""
 
 
 class BatchStream(IterableDataset):
@@ -121,7 +122,7 @@ class BatchStream(IterableDataset):
                     keys.append(key)
             else:
                 size = self.transform.img_size
-                blank = Image.new("RGB", (size, size), _MEAN_RGB)
+                blank = torch.tensor(_MEAN_RGB, dtype=torch.uint8).view(3, 1, 1).expand(3, size, size)
                 images, labels, keys = [blank] * missing, [-1] * missing, [c[0] for c in corrupt]
         size = self.transform.img_size
         return {
