@@ -2,6 +2,7 @@
 
     python benchmarks/data_throughput.py                      # 2000 ImageNet-sized JPEGs
     python benchmarks/data_throughput.py --images 500 --max-workers 4 --img-size 224
+    python benchmarks/data_throughput.py --images 600 --max-workers 2 --skip-s3 --json
 
 Generates synthetic photo-like JPEGs (default 500x375, like ImageNet's average), packs them
 with prepare_dataset into a local directory and into a bucket on a moto S3 server on loopback,
@@ -9,29 +10,38 @@ then reads one training epoch per setting and prints images/s for 0 (in-process)
 DataLoader workers, plus the raw shard read rate without decoding. Compare the figures with
 the model's images/s per GPU to know whether the loader keeps up. The moto server is a pure
 Python server in this same process, so S3 figures are a lower bound for a real object store.
+
+Per core, on one thread and the same images and crops: our decode + crop + normalise
+(``ours_per_core``) against a reference, plain PIL decode + crop + bicubic resize + flip +
+per-image float normalisation as torchvision's RandomResizedCrop/ToTensor/Normalize do
+(``reference_per_core``). ``epoch_over_steady`` and ``first_batch_s`` are those of the
+local-disk epoch with the most workers. ``gpu_decode_img_per_s``: batched GPU decode, where
+CUDA is present (null otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
+import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-try:
-    import service  # noqa: F401
-except ImportError:  # a checkout that is not pip-installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This checkout's code, also where another checkout is pip-installed (editable) elsewhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.config import DataConfig  # noqa: E402
+from service.config import DataConfig, StorageConfig  # noqa: E402
 from service.data import build_train_loader, open_dataset, storage_options  # noqa: E402
 from service.data.prepare import prepare_dataset  # noqa: E402
+from service.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch, train_transform  # noqa: E402
 
 
 def photo_like_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
@@ -57,9 +67,9 @@ def write_images(root: Path, count: int, size: tuple[int, int], classes: int = 1
     return total
 
 
-def read_raw(url: str, cfg: DataConfig) -> tuple[float, float]:
+def read_raw(url: str) -> tuple[float, float]:
     """(images/s, MB/s) streaming every shard without decoding."""
-    dataset = open_dataset(url, cfg)
+    dataset = open_dataset(url, StorageConfig())
     started, count, nbytes = time.perf_counter(), 0, 0
     for shard, size in enumerate(dataset.shard_sizes):
         for sample in dataset.read(shard, 0, size):
@@ -85,6 +95,68 @@ def read_epoch(cfg: DataConfig, img_size: int, batch_size: int) -> tuple[float, 
     return count / (ended - started), steady, first_at - started
 
 
+def reference_per_core(images: list[bytes], img_size: int, min_scale: float) -> float:
+    """images/s of the plain loop, one image at a time: PIL decode of the whole image,
+    crop, bicubic resize, flip, then float conversion and normalisation per image."""
+    transform = train_transform(img_size, min_scale)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    started = time.perf_counter()
+    for i, data in enumerate(images):
+        rng = random.Random(i)
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        left, top, w, h = transform.crop_box(*img.size, rng)
+        img = img.crop((left, top, left + w, top + h)).resize((img_size, img_size), Image.Resampling.BICUBIC)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)  # (3, H, W)
+        pixels.sub_(mean).div_(std)
+    return len(images) / (time.perf_counter() - started)
+
+
+def ours_per_core(images: list[bytes], img_size: int, min_scale: float, batch_size: int) -> float:
+    """images/s of the loader's own decode path (the crops and flips of the reference), with
+    batched normalisation."""
+    transform = train_transform(img_size, min_scale)
+    started = time.perf_counter()
+    for first in range(0, len(images), batch_size):
+        crops = [transform.geometry(Image.open(io.BytesIO(data)), random.Random(first + i))
+                 for i, data in enumerate(images[first:first + batch_size])]
+        normalize_batch(torch.stack(crops))  # (B, 3, H, W)
+    return len(images) / (time.perf_counter() - started)
+
+
+def one_core(measure, *args) -> float:
+    """``measure(*args)`` on one torch thread: a per-core figure."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        measure(*args)  # warm-up: first-call allocations and imports
+        return measure(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def gpu_decode_rate(images: list[bytes], img_size: int, min_scale: float, batch_size: int) -> float | None:
+    """images/s of batched GPU decode + crop + normalise, or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    from service.data.gpu_decode import GpuDecoder
+
+    decoder = GpuDecoder(train_transform(img_size, min_scale), torch.device("cuda"))
+    seeds = range(len(images))
+
+    def run() -> None:
+        for first in range(0, len(images), batch_size):
+            decoder.decode(images[first:first + batch_size], [random.Random(i) for i in seeds[first:first + batch_size]])
+        torch.cuda.synchronize()
+
+    run()
+    started = time.perf_counter()
+    run()
+    return len(images) / (time.perf_counter() - started)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -94,6 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--shard-size", type=int, default=16 * 2**20, help="bytes per shard")
     parser.add_argument("--skip-s3", action="store_true")
+    parser.add_argument("--decode-images", type=int, default=300,
+                        help="images (of the generated ones) for the per-core comparison")
+    parser.add_argument("--min-scale", type=float, default=0.2, help="RandomResizedCrop's smallest area")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = parser.parse_args(argv)
     size = tuple(int(v) for v in args.source_size.lower().split("x"))
 
@@ -104,6 +180,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"generated {args.images} JPEGs of {size[0]}x{size[1]} "
               f"({nbytes / args.images / 1024:.0f} KB each) in {time.perf_counter() - started:.1f}s")
 
+        blobs = [p.read_bytes() for p in sorted((tmp_path / "src").rglob("*.jpg"))][:args.decode_images]
+        reference = one_core(reference_per_core, blobs, args.img_size, args.min_scale)
+        ours = one_core(ours_per_core, blobs, args.img_size, args.min_scale, args.batch_size)
+        gpu_rate = gpu_decode_rate(blobs, args.img_size, args.min_scale, args.batch_size)
+
         targets = {"disk": str(tmp_path / "shards")}
         server = None
         if not args.skip_s3:
@@ -112,18 +193,20 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         try:
             for source, url in targets.items():
-                cfg = DataConfig(url=url, shuffle_buffer=256)
                 started = time.perf_counter()
                 prepare_dataset(str(tmp_path / "src"), url, shard_bytes=args.shard_size,
-                                storage_options=storage_options(cfg))
+                                storage_options=storage_options(StorageConfig()))
                 prep = args.images / (time.perf_counter() - started)
                 print(f"{source}: prepare_dataset packed {prep:.0f} images/s")
-                raw_images, raw_mb = read_raw(url, cfg)
+                raw_images, raw_mb = read_raw(url)
                 rows.append((source, "raw read, no decode", raw_images, raw_images, 0.0, raw_mb))
                 for workers in range(0, args.max_workers + 1):
                     cfg = DataConfig(url=url, loader_workers=workers, shuffle_buffer=256)
                     rate, steady, first = read_epoch(cfg, args.img_size, args.batch_size)
                     rows.append((source, f"{workers} workers", rate, steady, first, None))
+                    if source == "disk":
+                        last_disk = {"workers": workers, "epoch_img_per_s": rate, "steady_img_per_s": steady,
+                                     "first_batch_s": first}
         finally:
             if server is not None:
                 server.stop()
@@ -134,6 +217,23 @@ def main(argv: list[str] | None = None) -> None:
     for source, setting, rate, steady, first, mb in rows:
         mb_text = f"{mb:7.1f}" if mb is not None else f"{'':>7}"
         print(f"{source:<7} {setting:<20} {rate:9.0f} {steady:9.0f} {first:9.2f}s {mb_text}")
+    print(f"\nper core, {len(blobs)} images, same crops: ours {ours:.0f} images/s, reference "
+          f"(PIL decode + crop/resize/flip + per-image normalise) {reference:.0f} images/s: "
+          f"{ours / reference:.2f}x")
+    print("GPU decode: " + (f"{gpu_rate:.0f} images/s" if gpu_rate is not None else "no CUDA device"))
+    if args.json:
+        print(json.dumps({
+            "images": args.images, "source_size": args.source_size, "img_size": args.img_size,
+            "batch_size": args.batch_size, "cpus": os.cpu_count(),
+            "ours_per_core": round(ours, 1), "reference_per_core": round(reference, 1),
+            "ours_over_reference": round(ours / reference, 3),
+            "epoch_over_steady": round(last_disk["epoch_img_per_s"] / last_disk["steady_img_per_s"], 3),
+            "first_batch_s": round(last_disk["first_batch_s"], 4),
+            "epoch_workers": last_disk["workers"],
+            "gpu_decode_img_per_s": None if gpu_rate is None else round(gpu_rate, 1),
+            "rows": [{"source": r[0], "setting": r[1], "img_per_s": round(r[2], 1),
+                      "steady_img_per_s": round(r[3], 1), "first_batch_s": round(r[4], 4)} for r in rows],
+        }))
 
 
 def start_s3():

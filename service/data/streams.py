@@ -92,6 +92,17 @@ class BatchStream(IterableDataset):
             yield from self.dataset.read(segment.shard, segment.start, segment.stop)
 
     def _assemble(self, samples: list[RawSample], slot: int) -> dict[str, Any]:
+        # Per-image tensors are far too small to split across threads; with several (in-process
+        # loading: the trainer's thread count) the threads mostly wait for each other, 10x
+        # slower on a busy machine. DataLoader workers run one thread anyway.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._assemble_on_one_thread(samples, slot)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _assemble_on_one_thread(self, samples: list[RawSample], slot: int) -> dict[str, Any]:
         # Seeded per slot, so a resumed epoch reproduces the same crops and flips.
         rng = random.Random(self.plan.augmentation_seed(slot))
         images, labels, keys, corrupt = [], [], [], []
