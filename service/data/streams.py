@@ -11,12 +11,12 @@ import io
 import itertools
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from service.data.dataset import ShardDataset
 from service.data.sharding import EpochPlan
@@ -142,6 +142,51 @@ class BatchStream(IterableDataset):
             "keys": keys,
             "corrupt": corrupt,
         }
+
+
+class SlotBatches(Dataset):
+    """The batches of many epochs, by address: ``self[(epoch, slot)]`` is the batch at
+    delivery slot ``slot`` of ``epoch`` (the same batch :class:`BatchStream` yields there).
+
+    For persistent DataLoader workers that serve epoch after epoch: the main process sends
+    addresses, in slot order, so each worker keeps reading the stream it served last where
+    it stopped; an address elsewhere (another epoch, a resumed position) opens that stream
+    at that batch. ``plan_for(epoch)`` gives the epoch's plan (same in every process).
+    """
+
+    def __init__(self, dataset: ShardDataset, plan_for: Callable[[int], EpochPlan],
+                 transform: Geometry, fill_corrupt: bool, max_pixels: int) -> None:
+        self.dataset, self.plan_for, self.transform = dataset, plan_for, transform
+        self.fill_corrupt, self.max_pixels = fill_corrupt, max_pixels
+        self._plans: dict[int, EpochPlan] = {}
+        # stream -> (epoch, number of its next batch, the batches from there on)
+        self._open: dict[int, tuple[int, int, Iterator[dict[str, Any]]]] = {}
+
+    def __len__(self) -> int:
+        raise TypeError("SlotBatches is addressed by (epoch, slot), without a length")
+
+    def plan(self, epoch: int) -> EpochPlan:
+        if epoch not in self._plans:
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = self.plan_for(epoch)
+        return self._plans[epoch]
+
+    def __getitem__(self, address: tuple[int, int]) -> dict[str, Any]:
+        epoch, slot = address
+        plan = self.plan(epoch)
+        stream, k = slot % plan.num_streams, slot // plan.num_streams
+        opened = self._open.get(stream)
+        if opened is None or opened[:2] != (epoch, k):
+            # Streams of other epochs are done with (their files close with them).
+            self._open = {s: o for s, o in self._open.items() if o[0] == epoch and s != stream}
+            batches = BatchStream(self.dataset, plan, self.transform, first_slot=slot,
+                                  fill_corrupt=self.fill_corrupt,
+                                  max_pixels=self.max_pixels).batches(stream)
+        else:
+            batches = opened[2]
+        batch = next(batches)
+        self._open[stream] = (epoch, k + 1, batches)
+        return batch
 
 
 # ImageNet mean as 8-bit RGB: normalises to (about) zero.

@@ -22,6 +22,8 @@ def test_per_core_reference_epoch_and_gpu_figures_in_json():
     assert abs(r["ours_over_reference"] - r["ours_per_core"] / r["reference_per_core"]) < 0.01
     assert 0 < r["epoch_over_steady"] and r["first_batch_s"] > 0 and r["epoch_workers"] == 1
     assert (r["gpu_decode_img_per_s"] is None) == (not torch.cuda.is_available())
+    assert r["epoch_over_steady_first_epoch"] > 0 and r["first_batch_first_epoch_s"] > 0
     settings = [(row["source"], row["setting"]) for row in r["rows"]]
-    assert settings == [("disk", "raw read, no decode"), ("disk", "0 workers"), ("disk", "1 workers")]
+    assert settings == [("disk", "raw read, no decode"), ("disk", "0 workers, epoch 0"),
+                        ("disk", "1 workers, epoch 0"), ("disk", "1 workers, epoch 1")]
     assert "per core, 16 images, same crops" in done.stdout
