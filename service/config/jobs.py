@@ -165,6 +165,9 @@ class PrepareDataConfig:
     samples_per_shard: int | None = None  # also close a shard after this many images
     shuffle_seed: int | None = 0  # order in which images are written; null keeps the source order
     overwrite: bool = False  # replace a data set already at dest instead of resuming
+    # Store images at most this size: one whose shorter side exceeds it is scaled down (aspect
+    # kept) to that shorter side and re-encoded in its format; null stores every image as is.
+    max_side: int | None = None
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     @property
@@ -180,6 +183,8 @@ class PrepareDataConfig:
             raise ConfigError(f"shard_size={self.shard_size!r} is not allowed: {exc}") from None
         check(self.samples_per_shard is None or self.samples_per_shard >= 1, "samples_per_shard",
               self.samples_per_shard, ">= 1 or null")
+        check(self.max_side is None or self.max_side >= 16, "max_side", self.max_side,
+              ">= 16 pixels (e.g. 512), or null to store images as they are")
         validate_storage(self.storage)
         return self
 
