@@ -147,11 +147,11 @@ def gpu_decode_rate(images: list[bytes], img_size: int, min_scale: float, batch_
     from service.data.gpu_decode import GpuDecoder
 
     decoder = GpuDecoder(train_transform(img_size, min_scale), torch.device("cuda"))
-    seeds = range(len(images))
 
     def run() -> None:
         for first in range(0, len(images), batch_size):
-            decoder.decode(images[first:first + batch_size], [random.Random(i) for i in seeds[first:first + batch_size]])
+            pixels, _, _ = decoder.decode(images[first:first + batch_size], random.Random(first))
+            normalize_batch(pixels)  # (B, 3, H, W) float on the GPU
         torch.cuda.synchronize()
 
     run()

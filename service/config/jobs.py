@@ -15,6 +15,7 @@ from typing import Any
 
 from service.config.schema import ConfigError, check
 from service.config.sections import (
+    DECODE_MODES,
     PRECISIONS,
     ZERO_STAGES,
     CheckpointConfig,
@@ -249,6 +250,7 @@ def validate_training_job(cfg: TrainingJobConfig) -> None:
     d = cfg.data
     check(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, ">= 0")
     check(0.0 < d.min_crop_scale <= 1.0, "data.min_crop_scale", d.min_crop_scale, "0 < scale <= 1")
+    check(d.decode in DECODE_MODES, "data.decode", d.decode, f"one of {', '.join(DECODE_MODES)}")
     validate_max_pixels(d)
     validate_storage(cfg.storage)
     validate_optimization(cfg.train)

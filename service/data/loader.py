@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,9 +20,10 @@ from service.config import DataConfig, StorageConfig
 from service.data.dataset import ShardDataset, open_dataset
 from service.data.embedded import resolve_data_urls
 from service.data.errors import DataError
+from service.data.gpu_decode import GpuDecoder, decode_device
 from service.data.sharding import EpochPlan, plan_eval, plan_train_epoch, train_plan_for_epoch
 from service.data.storage import redact_url
-from service.data.streams import BatchStream, Geometry, SlotBatches
+from service.data.streams import BatchStream, Geometry, SlotBatches, finish_batch
 from service.data.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,8 @@ class _Loader:
         self._fill_corrupt, self._max_pixels = fill_corrupt, max_pixels
         self._consumed = 0
         self._corrupt = 0
+        # Set for GPU decoding: workers then deliver undecoded samples.
+        self.gpu_decoder: GpuDecoder | None = None
 
     def __len__(self) -> int:
         return self.plan.num_batches
@@ -147,16 +151,28 @@ class _Loader:
         """The batches from the current position to the end of the epoch."""
         if self._consumed >= len(self):
             return
-        for batch in self._raw_batches():
+        for batch in map(self._decoded, self._raw_batches()):
             self._count_corrupt(batch.pop("corrupt"))
             self._consumed += 1
             if batch["keys"] or self._fill_corrupt:
                 yield batch
 
+    def _decoded(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A batch of undecoded samples (GPU decoding) decoded here; others as they are."""
+        if self.gpu_decoder is None:
+            return batch
+        rng = random.Random(batch["augmentation_seed"])  # the CPU path's generator
+        pixels, decoded, failed = self.gpu_decoder.decode(batch["encoded"], rng, self._max_pixels)
+        corrupt = [(batch["keys"][i], batch["shards"][i], why) for i, why in failed]
+        return finish_batch(list(pixels.unbind(0)), [batch["labels"][i] for i in decoded],
+                            [batch["keys"][i] for i in decoded], corrupt, len(batch["keys"]),
+                            self.transform.img_size, self._fill_corrupt)
+
     def _raw_batches(self) -> Iterator[dict[str, Any]]:
         """Batches from the current position, as the workers (or this process) make them."""
         stream = BatchStream(self.dataset, self.plan, self.transform, first_slot=self._consumed,
-                             fill_corrupt=self._fill_corrupt, max_pixels=self._max_pixels)
+                             fill_corrupt=self._fill_corrupt, max_pixels=self._max_pixels,
+                             raw=self.gpu_decoder is not None)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                pin_memory=torch.cuda.is_available(), persistent_workers=False))
 
@@ -204,11 +220,13 @@ class TrainLoader(_Loader):
         return (dataset.url, repr(sorted(dataset.options.items())), dataset.manifest.shards,
                 type(self.transform).__name__, tuple(sorted(vars(self.transform).items())),
                 self.num_workers, self._max_pixels, plan.world_size, plan.seed_parts[::2],
-                plan.batch_size, plan.num_streams, plan.shuffle_window)
+                plan.batch_size, plan.num_streams, plan.shuffle_window,
+                self.gpu_decoder is not None)
 
     def _make_pool(self) -> WorkerPool:
         batches = SlotBatches(self.dataset, functools.partial(train_plan_for_epoch, self.plan),
-                              self.transform, fill_corrupt=True, max_pixels=self._max_pixels)
+                              self.transform, fill_corrupt=True, max_pixels=self._max_pixels,
+                              raw=self.gpu_decoder is not None)
         return WorkerPool(self._pool_key(), batches, self.num_workers, len(self))
 
     @property
@@ -265,8 +283,13 @@ class EvalLoader(_Loader):
 
 def build_train_loader(cfg: DataConfig, *, storage: StorageConfig | None = None, img_size: int, batch_size: int, rank: int,
                        world_size: int, seed: int, epoch: int,
-                       resume_state: dict[str, Any] | None = None) -> TrainLoader:
-    """The training loader of ``rank`` for ``epoch`` over ``cfg.url`` (or the embedded set)."""
+                       resume_state: dict[str, Any] | None = None,
+                       device: torch.device | None = None) -> TrainLoader:
+    """The training loader of ``rank`` for ``epoch`` over ``cfg.url`` (or the embedded set).
+
+    With ``cfg.decode`` gpu/auto in a CUDA process, images are decoded on ``device`` (default:
+    the current CUDA device) and the batches' images are already there."""
+    on = decode_device(cfg.decode, device)
     if epoch < 0:
         raise DataError(f"epoch={epoch} is not allowed: >= 0")
     train_url, _ = resolve_data_urls(cfg)
@@ -276,8 +299,11 @@ def build_train_loader(cfg: DataConfig, *, storage: StorageConfig | None = None,
                             batch_size=batch_size, num_streams=streams, seed=seed, epoch=epoch,
                             shuffle_window=cfg.shuffle_buffer)
     transform = train_transform(img_size, cfg.min_crop_scale, cfg.hflip)
-    return TrainLoader(dataset, plan, transform, num_workers=cfg.loader_workers, seed=seed,
-                       epoch=epoch, max_pixels=cfg.max_image_pixels, resume_state=resume_state)
+    loader = TrainLoader(dataset, plan, transform, num_workers=cfg.loader_workers, seed=seed,
+                         epoch=epoch, max_pixels=cfg.max_image_pixels, resume_state=resume_state)
+    if on is not None:
+        loader.gpu_decoder = GpuDecoder(transform, on)
+    return loader
 
 
 def build_eval_loader(url: str, cfg: DataConfig, *, storage: StorageConfig | None = None, img_size: int,

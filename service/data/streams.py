@@ -45,13 +45,17 @@ class BatchStream(IterableDataset):
 
     ``max_pixels``: images whose header announces more pixels are treated as undecodable
     (skipped and counted) without being decoded.
+
+    ``raw``: batches of undecoded bytes (``encoded``, ``labels``, ``keys``, ``shards``,
+    ``augmentation_seed``) for the GPU decoder in the training process.
     """
 
     def __init__(self, dataset: ShardDataset, plan: EpochPlan, transform: Geometry,
-                 first_slot: int, fill_corrupt: bool, max_pixels: int) -> None:
+                 first_slot: int, fill_corrupt: bool, max_pixels: int, raw: bool = False) -> None:
         super().__init__()
         self.dataset, self.plan, self.transform = dataset, plan, transform
         self.first_slot, self.fill_corrupt, self.max_pixels = first_slot, fill_corrupt, max_pixels
+        self.raw = raw
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -92,6 +96,8 @@ class BatchStream(IterableDataset):
             yield from self.dataset.read(segment.shard, segment.start, segment.stop)
 
     def _assemble(self, samples: list[RawSample], slot: int) -> dict[str, Any]:
+        if self.raw:
+            return self._raw(samples, slot)
         # Per-image tensors are far too small to split across threads; with several (in-process
         # loading: the trainer's thread count) the threads mostly wait for each other, 10x
         # slower on a busy machine. DataLoader workers run one thread anyway.
@@ -123,25 +129,39 @@ class BatchStream(IterableDataset):
                 continue
             labels.append(sample.label)
             keys.append(sample.key)
-        if self.fill_corrupt and corrupt:
-            missing = len(samples) - len(images)
-            if images:
-                good = list(zip(images, labels, keys))
-                for image, label, key in itertools.islice(itertools.cycle(good), missing):
-                    images.append(image)
-                    labels.append(label)
-                    keys.append(key)
-            else:
-                size = self.transform.img_size
-                blank = torch.tensor(_MEAN_RGB, dtype=torch.uint8).view(3, 1, 1).expand(3, size, size)
-                images, labels, keys = [blank] * missing, [-1] * missing, [c[0] for c in corrupt]
-        size = self.transform.img_size
-        return {
-            "images": to_normalized_batch(images) if images else torch.empty((0, 3, size, size)),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "keys": keys,
-            "corrupt": corrupt,
-        }
+        return finish_batch(images, labels, keys, corrupt, len(samples), self.transform.img_size,
+                            self.fill_corrupt)
+
+    def _raw(self, samples: list[RawSample], slot: int) -> dict[str, Any]:
+        """The samples undecoded, for decoding on the GPU in the training process."""
+        return {"encoded": [s.image for s in samples], "labels": [s.label for s in samples],
+                "keys": [s.key for s in samples], "shards": [s.shard for s in samples],
+                "augmentation_seed": self.plan.augmentation_seed(slot)}
+
+
+def finish_batch(images: list[torch.Tensor], labels: list[int], keys: list[str],
+                 corrupt: list[tuple[str, str, str]], count: int, img_size: int,
+                 fill_corrupt: bool) -> dict[str, Any]:
+    """The batch dict from the decoded uint8 (3, S, S) images of a batch of ``count`` samples
+    (on any device; normalised there), with undecodable ones filled in as the class says."""
+    if fill_corrupt and corrupt:
+        missing = count - len(images)
+        if images:
+            good = list(zip(images, labels, keys))
+            for image, label, key in itertools.islice(itertools.cycle(good), missing):
+                images.append(image)
+                labels.append(label)
+                keys.append(key)
+        else:
+            blank = torch.tensor(_MEAN_RGB, dtype=torch.uint8).view(3, 1, 1).expand(3, img_size, img_size)
+            images, labels, keys = [blank] * missing, [-1] * missing, [c[0] for c in corrupt]
+    return {
+        "images": (to_normalized_batch(images) if images
+                   else torch.empty((0, 3, img_size, img_size))),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "keys": keys,
+        "corrupt": corrupt,
+    }
 
 
 class SlotBatches(Dataset):
@@ -155,9 +175,10 @@ class SlotBatches(Dataset):
     """
 
     def __init__(self, dataset: ShardDataset, plan_for: Callable[[int], EpochPlan],
-                 transform: Geometry, fill_corrupt: bool, max_pixels: int) -> None:
+                 transform: Geometry, fill_corrupt: bool, max_pixels: int,
+                 raw: bool = False) -> None:
         self.dataset, self.plan_for, self.transform = dataset, plan_for, transform
-        self.fill_corrupt, self.max_pixels = fill_corrupt, max_pixels
+        self.fill_corrupt, self.max_pixels, self.raw = fill_corrupt, max_pixels, raw
         self._plans: dict[int, EpochPlan] = {}
         # stream -> (epoch, number of its next batch, the batches from there on)
         self._open: dict[int, tuple[int, int, Iterator[dict[str, Any]]]] = {}
@@ -180,8 +201,8 @@ class SlotBatches(Dataset):
             # Streams of other epochs are done with (their files close with them).
             self._open = {s: o for s, o in self._open.items() if o[0] == epoch and s != stream}
             batches = BatchStream(self.dataset, plan, self.transform, first_slot=slot,
-                                  fill_corrupt=self.fill_corrupt,
-                                  max_pixels=self.max_pixels).batches(stream)
+                                  fill_corrupt=self.fill_corrupt, max_pixels=self.max_pixels,
+                                  raw=self.raw).batches(stream)
         else:
             batches = opened[2]
         batch = next(batches)
