@@ -81,8 +81,8 @@ class WorkerPool:
         self._iterator: Iterator[dict[str, Any]] | None = None
         self._next: tuple[int, int] | None = None  # address of the batch the iterator yields next
 
-    def batches(self, epoch: int, slot: int) -> Iterator[dict[str, Any]]:
-        """The batches of ``epoch`` from ``slot`` to its end."""
+    def prepare(self, epoch: int, slot: int) -> None:
+        """Has the workers prepare the batches from (epoch, slot) on, unless they already are."""
         if self._iterator is None or self._next != (epoch, slot):
             self.slots.start = (epoch, slot)
             if self._iterator is not None:
@@ -90,6 +90,11 @@ class WorkerPool:
             # The first call starts the worker processes; later ones reset the same workers.
             self._iterator = iter(self.loader)
             self._next = (epoch, slot)
+
+    def batches(self, epoch: int, slot: int) -> Iterator[dict[str, Any]]:
+        """The batches of ``epoch`` from ``slot`` to its end."""
+        self.prepare(epoch, slot)
+        assert self._iterator is not None
         while slot < self.batches_per_epoch:
             batch = next(self._iterator)
             slot += 1
@@ -200,6 +205,12 @@ class TrainLoader(_Loader):
         if resume_state is not None:
             self._consumed, self._corrupt = self._check_resume(resume_state)
 
+    def prepare(self) -> None:
+        """Starts the workers on this loader's next batches now, so they are ready by the time
+        iteration starts (build_train_loader does this)."""
+        if self.num_workers and self._consumed < len(self):
+            worker_pool(self._pool_key(), self._make_pool).prepare(self.epoch, self._consumed)
+
     def _raw_batches(self) -> Iterator[dict[str, Any]]:
         if self.num_workers == 0:
             return super()._raw_batches()
@@ -303,6 +314,8 @@ def build_train_loader(cfg: DataConfig, *, storage: StorageConfig | None = None,
                          epoch=epoch, max_pixels=cfg.max_image_pixels, resume_state=resume_state)
     if on is not None:
         loader.gpu_decoder = GpuDecoder(transform, on)
+    # The first batches are decoded while the caller sets up the rest (model, optimizer).
+    loader.prepare()
     return loader
 
 

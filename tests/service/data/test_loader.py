@@ -175,6 +175,9 @@ def test_persistent_workers_serve_consecutive_epochs_exactly_once_as_fresh_worke
         return len(loader), list(loader)
 
     close_worker_pool()
+    build_train_loader(config(url=digits_train, loader_workers=2), storage=storage(), img_size=8,
+                       batch_size=32, rank=0, world_size=1, seed=0, epoch=0)
+    assert worker_pool_in_use() is not None  # building a loader already starts its workers
     served = [epoch(e) for e in range(3)]
     pool = worker_pool_in_use()
     assert pool is not None and pool.restarts == 0  # each epoch continued where the last ended
