@@ -18,7 +18,7 @@ def test_per_core_reference_epoch_and_gpu_figures_in_json():
                           capture_output=True, text=True, timeout=300, cwd=SCRIPT.parents[1])
     assert done.returncode == 0, done.stderr[-4000:]
     r = json.loads(done.stdout.strip().splitlines()[-1])
-    assert r["ours_per_core"] > 0 and r["reference_per_core"] > 0
+    assert r["ours_per_core"] > 0 and r["reference_per_core"] > 0 and r["reference_unbatched_per_core"] > 0
     assert abs(r["ours_over_reference"] - r["ours_per_core"] / r["reference_per_core"]) < 0.01
     assert 0 < r["epoch_over_steady"] and r["first_batch_s"] > 0 and r["epoch_workers"] == 1
     assert (r["gpu_decode_img_per_s"] is None) == (not torch.cuda.is_available())
