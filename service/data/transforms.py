@@ -10,9 +10,9 @@ reads only the header on open), before any pixel is decoded. When the box's shor
 at least ``s`` times the output size (s = 2, 4 or 8), a JPEG is decoded at 1/s scale by
 libjpeg's DCT scaling (``Image.draft``), which still leaves at least ``img_size`` decoded
 pixels across the box in both directions, so the resize never enlarges. What changes
-numerically: the 1/s-scale IDCT is an s x s box average of the full decode plus small
-rounding differences, and the bicubic resize then starts from those averages (mean
-difference to the full decode about 1 level of 255 on photos; see the tests). The box, the
+numerically: the 1/s-scale IDCT keeps only each block's lowest frequencies, close to an
+s x s average of the full decode, and the bicubic resize then starts from those (mean
+difference to the full decode about 1.5 levels of 255 on photos, tested under 3). The box, the
 flip and the distribution of both are unchanged.
 
 At full scale the crop and bicubic (antialiased) resize run as torch ops on the uint8 pixels
