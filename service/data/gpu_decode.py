@@ -1,16 +1,16 @@
 """Batched JPEG decoding on the GPU (nvJPEG through torchvision.io) with the training crop,
 flip and normalisation done there too.
 
-For CUDA training processes (``data.decode: gpu|auto``): DataLoader workers only read the
-samples' bytes (CUDA cannot run in forked workers); the training process decodes each batch
-on its GPU. The crop boxes and flips come from the same per-batch seed and are drawn in the
-same order as on the CPU path (:class:`TrainTransform`'s ``crop_box``, then the flip), and
-the crop/resize/flip is the same torch code (:func:`resized_crop`), so the geometry is the
-CPU path's exactly; pixels differ only by decoder (nvJPEG's IDCT and chroma upsampling vs
-libjpeg-turbo's, a few levels of 255) and because the GPU always decodes at full size.
+For CUDA training processes (``data.decode: gpu|auto``): DataLoader workers (which cannot
+use CUDA: they are forked) read the samples, parse the headers and draw each JPEG's crop box
+and flip from the batch's seed in the CPU path's order (:meth:`TrainTransform.draw`); the
+training process decodes the batch's JPEGs on its GPU and crops them with the CPU path's
+torch code (:func:`resized_crop`). So the geometry is the CPU path's exactly; pixels differ
+only by decoder (nvJPEG's IDCT and chroma upsampling vs libjpeg-turbo's, a few levels of 255)
+and because the GPU always decodes at full size.
 
-Images nvJPEG cannot take (PNG, WebP, CMYK or otherwise unusual JPEGs, anything it fails on)
-are decoded by the CPU path one by one, in the training process, and copied over.
+Images nvJPEG is not given (PNG, WebP, CMYK JPEGs) are decoded by the CPU path in the
+workers; a JPEG nvJPEG fails on is decoded by PIL in the training process, with its box.
 
 torchvision is imported only here, when a GPU decoder is made; CPU machines do not need it.
 """
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import io
 import logging
-import random
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,12 +26,7 @@ from PIL import Image
 
 from service.config import DECODE_MODES
 from service.data.errors import DataError
-from service.data.transforms import (
-    TrainTransform,
-    check_pixels,
-    hwc_pixels,
-    resized_crop,
-)
+from service.data.transforms import TrainTransform, hwc_pixels, resized_crop
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +83,21 @@ def decode_device(mode: str, device: torch.device | None = None) -> torch.device
     return device or torch.device("cuda", torch.cuda.current_device())
 
 
-class GpuDecoder:
-    """Decodes a training batch's image bytes on ``device`` into normalised images.
+def gpu_decodable(img: Image.Image) -> bool:
+    """Whether an opened image goes to nvJPEG: a colour or grey JPEG (others take the CPU path)."""
+    return img.format == "JPEG" and img.mode in ("RGB", "L")
 
-    ``decode(images, rng, max_pixels)`` -> (uint8 (N', 3, S, S) on ``device``, the indices
-    of the N' decoded images, [(index, why)] of the others). ``rng`` is the batch's
-    augmentation generator, used in sample order like the CPU path's.
+
+Crop = tuple[tuple[int, int, int, int], bool]  # ((left, top, width, height), flip)
+
+
+class GpuDecoder:
+    """Decodes JPEG bytes on ``device`` and crops, resizes and flips them there.
+
+    ``decode(encoded, crops)`` takes a batch's bytes (None: not for this decoder) with each
+    image's crop box and flip, drawn beforehand (in the DataLoader workers, by
+    :meth:`TrainTransform.draw`), and returns ({index: uint8 (3, S, S) on ``device``},
+    [(index, why)] of the images neither nvJPEG nor PIL could decode).
     """
 
     def __init__(self, transform: TrainTransform, device: torch.device,
@@ -104,47 +106,21 @@ class GpuDecoder:
         self.device = device
         self.jpeg_decoder = jpeg_decoder or nvjpeg_decoder()
 
-    def decode(self, images: Sequence[bytes | None], rng: random.Random,
-               max_pixels: int = 2**62) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
-        size = self.transform.img_size
-        boxes: dict[int, tuple[tuple[int, int, int, int], bool]] = {}
-        on_cpu: dict[int, torch.Tensor] = {}
+    def decode(self, encoded: Sequence[bytes | None], crops: Sequence[Crop | None]
+               ) -> tuple[dict[int, torch.Tensor], list[tuple[int, str]]]:
+        wanted = [i for i, data in enumerate(encoded) if data is not None]
+        pixels = self._decode_jpegs([encoded[i] for i in wanted])  # type: ignore[misc]
+        out: dict[int, torch.Tensor] = {}
         failed: list[tuple[int, str]] = []
-        jpegs: list[int] = []
-        for i, data in enumerate(images):
-            try:
-                if data is None:
-                    raise ValueError("the sample has no image member")
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    img = Image.open(io.BytesIO(data))  # reads the header only
-                with img:
-                    check_pixels(img, max_pixels)
-                    if img.format == "JPEG" and img.mode in ("RGB", "L"):
-                        # Drawn now, in sample order, as the CPU path draws them.
-                        box = self.transform.crop_box(*img.size, rng)
-                        boxes[i] = (box, self.transform.hflip and rng.random() < 0.5)
-                        jpegs.append(i)
-                    else:
-                        on_cpu[i] = self.transform.geometry(img, rng)
-            except Exception as exc:  # a bad image, not a bad run: the caller counts it
-                failed.append((i, f"{type(exc).__name__}: {exc}"))
-        decoded = self._decode_jpegs([images[i] for i in jpegs])  # type: ignore[misc]
-        crops: dict[int, torch.Tensor] = {}
-        for i, pixels in zip(jpegs, decoded):
-            box, flip = boxes[i]
-            if pixels is None:  # nvJPEG refused it: the CPU path, with the box already drawn
-                pixels = self._cpu_decode(images[i])  # type: ignore[arg-type]
-                if pixels is None:
+        for i, image in zip(wanted, pixels):
+            if image is None:  # nvJPEG refused it: PIL, then the same crop
+                image = self._cpu_decode(encoded[i])  # type: ignore[arg-type]
+                if image is None:
                     failed.append((i, "neither nvJPEG nor PIL could decode it"))
                     continue
-            crops[i] = resized_crop(pixels, box, size, flip)
-        for i, crop in on_cpu.items():
-            crops[i] = crop.to(self.device, non_blocking=True)
-        order = sorted(crops)
-        batch = (torch.stack([crops[i] for i in order]) if order
-                 else torch.empty((0, 3, size, size), dtype=torch.uint8, device=self.device))
-        return batch, order, sorted(failed)
+            box, flip = crops[i]  # type: ignore[misc]
+            out[i] = resized_crop(image, box, self.transform.img_size, flip)
+        return out, failed
 
     def _decode_jpegs(self, data: list[bytes]) -> list[torch.Tensor | None]:
         if not data:

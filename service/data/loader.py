@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -163,14 +162,18 @@ class _Loader:
                 yield batch
 
     def _decoded(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """A batch of undecoded samples (GPU decoding) decoded here; others as they are."""
+        """A batch prepared for GPU decoding, decoded here; others as they are."""
         if self.gpu_decoder is None:
             return batch
-        rng = random.Random(batch["augmentation_seed"])  # the CPU path's generator
-        pixels, decoded, failed = self.gpu_decoder.decode(batch["encoded"], rng, self._max_pixels)
-        corrupt = [(batch["keys"][i], batch["shards"][i], why) for i, why in failed]
-        return finish_batch(list(pixels.unbind(0)), [batch["labels"][i] for i in decoded],
-                            [batch["keys"][i] for i in decoded], corrupt, len(batch["keys"]),
+        crops, failed = self.gpu_decoder.decode(batch["encoded"], batch["crops"])
+        for i, image in enumerate(batch["decoded"]):  # decoded by the workers' CPU path
+            if image is not None:
+                crops[i] = image.to(self.gpu_decoder.device, non_blocking=True)
+        keys, labels = batch["keys"], batch["labels"]
+        corrupt = [(keys[i], batch["shards"][i], why) for i, why in sorted(batch["failed"] + failed)]
+        order = sorted(crops)
+        return finish_batch([crops[i] for i in order], [labels[i] for i in order],
+                            [keys[i] for i in order], corrupt, len(keys),
                             self.transform.img_size, self._fill_corrupt)
 
     def _raw_batches(self) -> Iterator[dict[str, Any]]:

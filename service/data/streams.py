@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from service.data.dataset import ShardDataset
+from service.data.gpu_decode import Crop, gpu_decodable
 from service.data.sharding import EpochPlan
 from service.data.shards import RawSample
 from service.data.transforms import check_pixels, to_normalized_batch
@@ -46,8 +47,7 @@ class BatchStream(IterableDataset):
     ``max_pixels``: images whose header announces more pixels are treated as undecodable
     (skipped and counted) without being decoded.
 
-    ``raw``: batches of undecoded bytes (``encoded``, ``labels``, ``keys``, ``shards``,
-    ``augmentation_seed``) for the GPU decoder in the training process.
+    ``raw``: batches for the GPU decoder in the training process (see ``_for_device``).
     """
 
     def __init__(self, dataset: ShardDataset, plan: EpochPlan, transform: Geometry,
@@ -96,8 +96,6 @@ class BatchStream(IterableDataset):
             yield from self.dataset.read(segment.shard, segment.start, segment.stop)
 
     def _assemble(self, samples: list[RawSample], slot: int) -> dict[str, Any]:
-        if self.raw:
-            return self._raw(samples, slot)
         # Per-image tensors are far too small to split across threads; with several (in-process
         # loading: the trainer's thread count) the threads mostly wait for each other, 10x
         # slower on a busy machine. DataLoader workers run one thread anyway.
@@ -111,17 +109,12 @@ class BatchStream(IterableDataset):
     def _assemble_on_one_thread(self, samples: list[RawSample], slot: int) -> dict[str, Any]:
         # Seeded per slot, so a resumed epoch reproduces the same crops and flips.
         rng = random.Random(self.plan.augmentation_seed(slot))
+        if self.raw:
+            return self._for_device(samples, rng)
         images, labels, keys, corrupt = [], [], [], []
         for sample in samples:
             try:
-                if sample.image is None:
-                    raise ValueError("the sample has no image member")
-                with warnings.catch_warnings():
-                    # data.max_image_pixels decides, below; PIL's own warning would only repeat
-                    # it for every such image. (PIL still refuses over twice its own limit.)
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    img = Image.open(io.BytesIO(sample.image))
-                with img:
+                with open_image(sample) as img:
                     check_pixels(img, self.max_pixels)
                     images.append(self.transform.geometry(img, rng))
             except Exception as exc:  # any decoder failure (or oversize) means a bad image, not a bad run
@@ -132,11 +125,39 @@ class BatchStream(IterableDataset):
         return finish_batch(images, labels, keys, corrupt, len(samples), self.transform.img_size,
                             self.fill_corrupt)
 
-    def _raw(self, samples: list[RawSample], slot: int) -> dict[str, Any]:
-        """The samples undecoded, for decoding on the GPU in the training process."""
-        return {"encoded": [s.image for s in samples], "labels": [s.label for s in samples],
-                "keys": [s.key for s in samples], "shards": [s.shard for s in samples],
-                "augmentation_seed": self.plan.augmentation_seed(slot)}
+    def _for_device(self, samples: list[RawSample], rng: random.Random) -> dict[str, Any]:
+        """A batch for the GPU decoder of the training process: the JPEGs' bytes with their
+        crop boxes and flips, drawn here in the CPU path's order; other images decoded here
+        by the CPU path; (index, why) of the undecodable."""
+        encoded: list[bytes | None] = [None] * len(samples)
+        crops: list[Crop | None] = [None] * len(samples)
+        decoded: list[torch.Tensor | None] = [None] * len(samples)
+        failed = []
+        for i, sample in enumerate(samples):
+            try:
+                with open_image(sample) as img:
+                    check_pixels(img, self.max_pixels)
+                    if gpu_decodable(img):
+                        crops[i] = self.transform.draw(*img.size, rng)  # type: ignore[attr-defined]
+                        encoded[i] = sample.image
+                    else:
+                        decoded[i] = self.transform.geometry(img, rng)
+            except Exception as exc:  # any decoder failure (or oversize) means a bad image
+                failed.append((i, f"{type(exc).__name__}: {exc}"))
+        return {"encoded": encoded, "crops": crops, "decoded": decoded, "failed": failed,
+                "labels": [s.label for s in samples], "keys": [s.key for s in samples],
+                "shards": [s.shard for s in samples]}
+
+
+def open_image(sample: RawSample) -> Image.Image:
+    """The sample's image opened (only its header read), or ValueError without one."""
+    if sample.image is None:
+        raise ValueError("the sample has no image member")
+    with warnings.catch_warnings():
+        # data.max_image_pixels decides (check_pixels); PIL's own warning would only repeat
+        # it for every such image. (PIL still refuses over twice its own limit.)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(sample.image))
 
 
 def finish_batch(images: list[torch.Tensor], labels: list[int], keys: list[str],

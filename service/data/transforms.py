@@ -167,11 +167,15 @@ class TrainTransform:
             w, h = width, height
         return (width - w) // 2, (height - h) // 2, w, h
 
+    def draw(self, width: int, height: int,
+             rng: random.Random) -> tuple[tuple[int, int, int, int], bool]:
+        """The crop box and flip of one image, in the order every decode path draws them."""
+        box = self.crop_box(width, height, rng)
+        return box, self.hflip and rng.random() < 0.5
+
     def geometry(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         """An opened (not yet decoded) image -> uint8 (3, img_size, img_size) RGB."""
-        rng = rng or random.Random()
-        left, top, w, h = self.crop_box(*img.size, rng)
-        flip = self.hflip and rng.random() < 0.5
+        (left, top, w, h), flip = self.draw(*img.size, rng or random.Random())
         scale = dct_scale(img, w, h, self.img_size)
         if scale == 1:
             pixels = hwc_pixels(img).permute(2, 0, 1)  # (3, H, W) view
