@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import default_collate
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,12 +55,17 @@ def normalize_batch(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def to_normalized_batch(images: Sequence[torch.Tensor | Image.Image]) -> torch.Tensor:
-    """Same-size RGB images (uint8 (3, H, W) tensors or PIL images) -> FloatTensor
-    (N, 3, H, W) normalised with ImageNet mean/std."""
-    # Stacked while still uint8 (a quarter of the bytes of float), so the float conversion
-    # and normalisation run once over contiguous memory.
-    return normalize_batch(torch.stack([to_chw(img) if isinstance(img, Image.Image) else img
-                                        for img in images]))
+    """Same-size RGB images (uint8 (3, H, W) tensors or PIL images, on one device) ->
+    FloatTensor (N, 3, H, W) normalised with ImageNet mean/std."""
+    pixels = [to_chw(img) if isinstance(img, Image.Image) else img for img in images]
+    if pixels[0].device.type != "cpu":  # one kernel per step for the whole batch
+        return normalize_batch(torch.stack(pixels))
+    # On the CPU: normalised image by image (small tensors, in memory the allocator recycles),
+    # then written once into the batch. In a DataLoader worker default_collate allocates
+    # that batch in shared memory, as the transfer to the main process needs; a batch made
+    # elsewhere would be copied there (measured: ~1 ms per 224 image on a busy 2-core box).
+    mean, inv_std = _MEAN_255[0], _INV_STD_255[0]
+    return default_collate([image.float().sub_(mean).mul_(inv_std) for image in pixels])
 
 
 def hwc_pixels(img: Image.Image) -> torch.Tensor:
