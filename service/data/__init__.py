@@ -61,11 +61,16 @@ gives the uint8 crop), ``resized_crop`` (the torch crop/resize/flip, any device)
 
 ``prepare.prepare_dataset(src, dest, *, shard_bytes=256 MiB, storage_options=None, ...)``
     Packs an image folder (``class/xxx.jpg`` or flat) or archive into shards plus
-    ``manifest.json`` (written last); re-running resumes. CLI: ``jobs/prepare_data.py``.
+    ``manifest.json`` (written last); re-running resumes; ``max_side=N`` stores images whose
+    shorter side exceeds N scaled down to N. CLI: ``jobs/prepare_data.py``.
 
-Modules: storage (options, filesystems, retries), manifest, shards (tar format), dataset
-(open + read with retries), sharding (epoch plans), transforms, streams (worker-side
-batches), loader, sources + prepare (writing), embedded (digits).
+``cfg.decode`` (cpu|gpu|auto): in a CUDA process, gpu/auto decode the training JPEGs on the
+GPU (``gpu_decode``; ``build_train_loader(..., device=)``), with the CPU path's crops.
+
+Modules: storage (options, filesystems, retries), manifest, shards (tar format, checksummed
+reads), dataset (open + read with retries), sharding (epoch plans), transforms, gpu_decode
+(nvJPEG), streams (worker-side batches), loader (persistent worker pool), sources + prepare
+(writing), embedded (digits).
 """
 
 from service.data import transforms
