@@ -24,14 +24,19 @@ from tests.service.data.conftest import config, image_bytes, storage
 
 @pytest.fixture
 def mixed_url(tmp_path) -> str:
-    """JPEGs (colour and grey), PNGs and two undecodable images, shuffled across batches."""
+    return write_mixed(tmp_path, truncated=True)
+
+
+def write_mixed(tmp_path, truncated: bool) -> str:
+    """JPEGs (colour and grey), PNGs and two undecodable images (a non-image and, with
+    ``truncated``, a cut JPEG; else a second non-image), shuffled across batches."""
     rng = np.random.default_rng(0)
     items = [(f"jpg{i}", "jpg", photo_like_jpeg(rng, 96 + 8 * (i % 5), 72), i % 3) for i in range(30)]
     items += [(f"png{i}", "png", image_bytes(100 + i, (50, 40), "PNG"), 1) for i in range(6)]
     grey = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (60, 80), dtype=np.uint8)).save(grey, format="JPEG")
     items += [("grey", "jpg", grey.getvalue(), 2), ("broken", "jpg", b"\xff\xd8\xff not a jpeg", 0),
-              ("cut", "jpg", items[0][2][:200], 0)]
+              ("cut", "jpg", items[0][2][:200] if truncated else b"not an image", 0)]
     write_dataset(MemorySource("mixed", items), str(tmp_path / "ds"), samples_per_shard=7)
     return str(tmp_path / "ds")
 
@@ -88,3 +93,25 @@ def test_nvjpeg_crops_have_the_cpu_paths_geometry():
     difference = (torch.stack([pixels[i] for i in range(16)]).cpu().int() - cpu.int()).abs().float()
     assert difference.mean() < 3
     assert difference.mean(dim=(1, 2, 3)).max() < 5  # no image cropped elsewhere or flipped otherwise
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_decode_available(), reason="needs CUDA and torchvision (nvJPEG)")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_gpu_decoding_loader_yields_the_cpu_loaders_batches_on_the_gpu(tmp_path, workers):
+    # No truncated JPEG here: whether nvJPEG refuses one or decodes what is there is its call.
+    url = write_mixed(tmp_path, truncated=False)
+
+    def batches(decode):
+        loader = build_train_loader(config(url=url, loader_workers=workers, decode=decode),
+                                    storage=storage(), img_size=40, batch_size=13, rank=0, world_size=1,
+                                    seed=1, epoch=2)
+        return list(loader), loader.corrupt_samples
+
+    (gpu, gpu_corrupt), (cpu, cpu_corrupt) = batches("gpu"), batches("cpu")
+    assert gpu_corrupt == cpu_corrupt == 2
+    assert [b["keys"] for b in gpu] == [b["keys"] for b in cpu]
+    for a, b in zip(gpu, cpu):
+        assert a["images"].is_cuda and a["images"].shape == b["images"].shape
+        # Normalised units: 3 levels of 255 are about 0.05.
+        assert (a["images"].cpu() - b["images"]).abs().mean() < 0.05
