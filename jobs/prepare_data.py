@@ -2,10 +2,13 @@
 
     python jobs/prepare_data.py ~/imagenet/train s3://bucket/imagenet/train --shard-size 256MB
     python jobs/prepare_data.py photos.tar.gz /data/photos --endpoint-url http://minio:9000
+    python jobs/prepare_data.py ~/imagenet/train /data/in1k-512 --max-side 512
 
 SRC: an ImageNet-layout folder (class/xxx.JPEG: labeled), a flat folder (unlabeled), or one
 .tar/.tar.gz/.tgz/.zip archive, local or remote. DEST gets shard-NNNNNN.tar files and
 manifest.json, which is written last. Re-running with the same SRC and DEST resumes.
+--max-side N stores images whose shorter side exceeds N scaled down to N (re-encoded; the
+manifest records N and how many): less to read and decode per epoch.
 Credentials come from the standard AWS_* environment variables and are never printed.
 """
 
@@ -31,7 +34,7 @@ def _prepare(config: PrepareDataConfig) -> dict:
     return prepare_dataset(config.src, config.dest, shard_bytes=config.shard_bytes,
                            storage_options=storage_options(config.storage),
                            samples_per_shard=config.samples_per_shard, shuffle_seed=config.shuffle_seed,
-                           overwrite=config.overwrite)
+                           overwrite=config.overwrite, max_side=config.max_side)
 
 
 def _report(manifest: dict, config: PrepareDataConfig) -> int:

@@ -33,6 +33,7 @@ from service.config.schema import (
     with_overrides,
 )
 from service.config.sections import (
+    DECODE_MODES,
     PRECISIONS,
     ZERO_STAGES,
     CheckpointConfig,
@@ -48,7 +49,7 @@ from service.config.sections import (
 from service.config.sweep import SweepConfig, TuneJobConfig
 
 __all__ = [
-    "DEFAULT_MODEL", "PRECISIONS", "ZERO_STAGES", "CheckpointConfig", "ConfigError", "DataConfig",
+    "DECODE_MODES", "DEFAULT_MODEL", "PRECISIONS", "ZERO_STAGES", "CheckpointConfig", "ConfigError", "DataConfig",
     "DistributedConfig", "EvaluateConfig", "FinetuneConfig", "FinetuneTrainConfig", "MLflowConfig",
     "ModelConfig", "OptimConfig", "PrepareDataConfig", "PretrainConfig", "ReconstructConfig", "StorageConfig", "SweepConfig",
     "TrainConfig", "TrainingJobConfig", "TuneJobConfig", "check", "dump_yaml", "flatten", "from_dict",

@@ -15,6 +15,7 @@ from typing import Any
 
 from service.config.schema import ConfigError, check
 from service.config.sections import (
+    DECODE_MODES,
     PRECISIONS,
     ZERO_STAGES,
     CheckpointConfig,
@@ -165,6 +166,9 @@ class PrepareDataConfig:
     samples_per_shard: int | None = None  # also close a shard after this many images
     shuffle_seed: int | None = 0  # order in which images are written; null keeps the source order
     overwrite: bool = False  # replace a data set already at dest instead of resuming
+    # Store images at most this size: one whose shorter side exceeds it is scaled down (aspect
+    # kept) to that shorter side and re-encoded in its format; null stores every image as is.
+    max_side: int | None = None
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     @property
@@ -180,6 +184,8 @@ class PrepareDataConfig:
             raise ConfigError(f"shard_size={self.shard_size!r} is not allowed: {exc}") from None
         check(self.samples_per_shard is None or self.samples_per_shard >= 1, "samples_per_shard",
               self.samples_per_shard, ">= 1 or null")
+        check(self.max_side is None or self.max_side >= 16, "max_side", self.max_side,
+              ">= 16 pixels (e.g. 512), or null to store images as they are")
         validate_storage(self.storage)
         return self
 
@@ -244,6 +250,7 @@ def validate_training_job(cfg: TrainingJobConfig) -> None:
     d = cfg.data
     check(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, ">= 0")
     check(0.0 < d.min_crop_scale <= 1.0, "data.min_crop_scale", d.min_crop_scale, "0 < scale <= 1")
+    check(d.decode in DECODE_MODES, "data.decode", d.decode, f"one of {', '.join(DECODE_MODES)}")
     validate_max_pixels(d)
     validate_storage(cfg.storage)
     validate_optimization(cfg.train)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# data.decode: where training JPEGs are decoded (see service/data/gpu_decode.py).
+DECODE_MODES = ("cpu", "gpu", "auto")
 ZERO_STAGES = (0, 1, 2, 3)
 
 
@@ -54,6 +56,10 @@ class DataConfig:
     # Images with more pixels (by their header) are skipped and counted, never decoded: one
     # 13000x13000 PNG would take 0.5 GB in a loader worker. 8192 x 8192 by default.
     max_image_pixels: int = 8192 * 8192
+    # Where training images are decoded: cpu (DataLoader workers, PIL); gpu (JPEGs batched on
+    # the training process's GPU with nvJPEG, torchvision needed; processes without CUDA keep
+    # the CPU path); auto (gpu where CUDA and torchvision are there, else cpu).
+    decode: str = "cpu"
 
 
 @dataclass(frozen=True)

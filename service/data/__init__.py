@@ -41,8 +41,13 @@ resume_state=None) -> TrainLoader``
     than ``cfg.max_image_pixels`` pixels (never decoded); each is logged at WARNING with its
     key and why. To keep batch shapes fixed, a skipped image's slot is filled with a decodable
     image of the same batch (or a mean-colour image labelled -1 if none is).
-    ``cfg.loader_workers`` DataLoader worker processes (0: in-process), no persistent workers,
-    pinned memory only when CUDA is available. Ranks are passed in, never looked up.
+    ``cfg.loader_workers`` DataLoader worker processes (0: in-process), pinned memory only
+    when CUDA is available. The workers persist: the loaders of consecutive epochs (same
+    settings) share them, and they prepare the next epoch's first batches while the current
+    one ends, so an epoch starts without waiting (``close_worker_pool()`` stops them; a
+    loader with other settings replaces them). Ranks are passed in, never looked up.
+    Shards read whole are checked against the manifest's sha256 as they stream; a mismatch
+    raises DataError naming the shard.
 
 ``build_eval_loader(url, cfg, *, storage=None, img_size, batch_size, rank=0, world_size=1) -> EvalLoader``
     Same batch dicts, no augmentation (resize + center crop), fixed order, every sample
@@ -50,23 +55,35 @@ resume_state=None) -> TrainLoader``
     last batch may be short). Undecodable images are left out of their batch.
 
 ``transforms``: ``train_transform(img_size, min_scale=0.2, hflip=True)``,
-``eval_transform(img_size)`` (PIL.Image -> normalised FloatTensor (3, H, W)),
+``eval_transform(img_size)`` (PIL.Image -> normalised FloatTensor (3, H, W); ``.geometry``
+gives the uint8 crop), ``resized_crop`` (the torch crop/resize/flip, any device),
 ``IMAGENET_MEAN``, ``IMAGENET_STD``.
 
 ``prepare.prepare_dataset(src, dest, *, shard_bytes=256 MiB, storage_options=None, ...)``
     Packs an image folder (``class/xxx.jpg`` or flat) or archive into shards plus
-    ``manifest.json`` (written last); re-running resumes. CLI: ``jobs/prepare_data.py``.
+    ``manifest.json`` (written last); re-running resumes; ``max_side=N`` stores images whose
+    shorter side exceeds N scaled down to N. CLI: ``jobs/prepare_data.py``.
 
-Modules: storage (options, filesystems, retries), manifest, shards (tar format), dataset
-(open + read with retries), sharding (epoch plans), transforms, streams (worker-side
-batches), loader, sources + prepare (writing), embedded (digits).
+``cfg.decode`` (cpu|gpu|auto): in a CUDA process, gpu/auto decode the training JPEGs on the
+GPU (``gpu_decode``; ``build_train_loader(..., device=)``), with the CPU path's crops.
+
+Modules: storage (options, filesystems, retries), manifest, shards (tar format, checksummed
+reads), dataset (open + read with retries), sharding (epoch plans), transforms, gpu_decode
+(nvJPEG), streams (worker-side batches), loader (persistent worker pool), sources + prepare
+(writing), embedded (digits).
 """
 
 from service.data import transforms
 from service.data.dataset import ShardDataset, open_dataset
 from service.data.embedded import resolve_data_urls
 from service.data.errors import DataError
-from service.data.loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
+from service.data.loader import (
+    EvalLoader,
+    TrainLoader,
+    build_eval_loader,
+    build_train_loader,
+    close_worker_pool,
+)
 from service.data.storage import StorageOptions, storage_options
 from service.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -80,6 +97,7 @@ __all__ = [
     "TrainLoader",
     "build_eval_loader",
     "build_train_loader",
+    "close_worker_pool",
     "open_dataset",
     "resolve_data_urls",
     "storage_options",

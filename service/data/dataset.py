@@ -13,8 +13,8 @@ import fsspec
 
 from service.config import StorageConfig
 from service.data.errors import DataError
-from service.data.manifest import MANIFEST_NAME, Manifest, ShardIndex, index_name
-from service.data.shards import RawSample, iter_samples
+from service.data.manifest import MANIFEST_NAME, Manifest, ShardIndex, ShardInfo, index_name
+from service.data.shards import ChecksumReader, RawSample, iter_samples
 from service.data.storage import (
     S3_PROTOCOLS,
     backoff_seconds,
@@ -120,18 +120,40 @@ class ShardDataset:
 
     def _read_once(self, shard: int, start: int, stop: int) -> Iterator[RawSample]:
         fs, root = self.filesystem()
-        name = self.manifest.shards[shard].name
+        info = self.manifest.shards[shard]
         offsets = self._sample_offsets(shard) if start > 0 else None
-        with fs.open(posixpath.join(root, name), "rb", **open_kwargs(fs)) as f:
+        with fs.open(posixpath.join(root, info.name), "rb", **open_kwargs(fs)) as f:
+            # A read of the whole shard is checked against the manifest's sha256 on the way
+            # (sha256 runs at ~1 GB/s: ~0.1 ms for a 110 KB JPEG, ~3% of decoding and cropping
+            # it). Partial reads (a rank's or worker's span that starts or ends inside a shard,
+            # a resumed or retried read) are not checked: that would mean reading the rest of
+            # the shard for them.
+            whole = start == 0 and stop == info.num_samples
+            source = ChecksumReader(f) if whole else f
             skip = start
             if offsets is not None:
                 f.seek(offsets[start])
                 skip = 0
-            for sample in iter_samples(f, name, limit=skip + stop - start):
+            position = start - skip
+            for sample in iter_samples(source, info.name, limit=skip + stop - start):
                 if skip:
                     skip -= 1
+                    position += 1
                     continue
+                if isinstance(source, ChecksumReader) and position == stop - 1:
+                    # Before the last sample leaves: consumers stop asking after it.
+                    self._verify(source, info)
+                position += 1
                 yield sample
+
+    def _verify(self, reader: ChecksumReader, info: ShardInfo) -> None:
+        num_bytes, sha256 = reader.finish()
+        if reader.complete and (num_bytes != info.num_bytes or sha256 != info.sha256):
+            raise DataError(
+                f"{redact_url(self.url)}/{info.name}: checksum mismatch: read {num_bytes} bytes "
+                f"with sha256 {sha256}, {MANIFEST_NAME} says {info.num_bytes} bytes with sha256 "
+                f"{info.sha256}; the shard was damaged or changed after preparation: restore it "
+                f"or prepare the data set again (jobs/prepare_data.py --overwrite)")
 
     def _sample_offsets(self, shard: int) -> tuple[int, ...] | None:
         """Per-sample byte offsets from the shard's index file; None (read from the start)

@@ -7,20 +7,22 @@ and the settings that must match.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from service.config import DataConfig, StorageConfig
 from service.data.dataset import ShardDataset, open_dataset
 from service.data.embedded import resolve_data_urls
 from service.data.errors import DataError
-from service.data.sharding import EpochPlan, plan_eval, plan_train_epoch
+from service.data.gpu_decode import GpuDecoder, decode_device
+from service.data.sharding import EpochPlan, plan_eval, plan_train_epoch, train_plan_for_epoch
 from service.data.storage import redact_url
-from service.data.streams import BatchStream, Geometry
+from service.data.streams import BatchStream, Geometry, SlotBatches, finish_batch
 from service.data.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,102 @@ _STATE_KEYS = ("epoch", "seed", "world_size", "batch_size", "num_streams", "shuf
                "num_samples")
 
 
+# Batches each worker prepares ahead (DataLoader's prefetch_factor): enough to cover the
+# jitter of one slow batch, without holding many (B, 3, H, W) float batches per worker.
+PREFETCH_PER_WORKER = 2
+
+
+class EpochSlots(Sampler):
+    """Addresses (epoch, slot) from ``start`` on, through the rest of that epoch and on into
+    the following ones without end, so workers prepare the next epoch's first batches while
+    the current one finishes."""
+
+    def __init__(self, batches_per_epoch: int) -> None:
+        self.batches_per_epoch = batches_per_epoch
+        self.start = (0, 0)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, slot = self.start
+        while True:
+            for s in range(slot, self.batches_per_epoch):
+                yield epoch, s
+            epoch, slot = epoch + 1, 0
+
+
+class WorkerPool:
+    """One rank's persistent training DataLoader workers, kept from epoch to epoch (and from
+    one TrainLoader to the next with the same settings).
+
+    They are started on first use and keep their processes, open connections and position:
+    when an epoch's loader asks for the batches that come next, prefetched ones are already
+    waiting; asking for another position (another epoch, a resume) drops what was prefetched
+    and restarts the addresses there, without restarting the processes.
+    """
+
+    def __init__(self, key: tuple[Any, ...], batches: SlotBatches, num_workers: int,
+                 batches_per_epoch: int) -> None:
+        self.key = key
+        self.batches_per_epoch = batches_per_epoch
+        self.slots = EpochSlots(batches_per_epoch)
+        self.loader = DataLoader(batches, batch_size=None, sampler=self.slots,
+                                 num_workers=num_workers, persistent_workers=True,
+                                 prefetch_factor=PREFETCH_PER_WORKER,
+                                 pin_memory=torch.cuda.is_available())
+        self.restarts = 0  # how often addresses were restarted (the processes stay)
+        self._iterator: Iterator[dict[str, Any]] | None = None
+        self._next: tuple[int, int] | None = None  # address of the batch the iterator yields next
+
+    def prepare(self, epoch: int, slot: int) -> None:
+        """Has the workers prepare the batches from (epoch, slot) on, unless they already are."""
+        if self._iterator is None or self._next != (epoch, slot):
+            self.slots.start = (epoch, slot)
+            if self._iterator is not None:
+                self.restarts += 1
+            # The first call starts the worker processes; later ones reset the same workers.
+            self._iterator = iter(self.loader)
+            self._next = (epoch, slot)
+
+    def batches(self, epoch: int, slot: int) -> Iterator[dict[str, Any]]:
+        """The batches of ``epoch`` from ``slot`` to its end."""
+        self.prepare(epoch, slot)
+        assert self._iterator is not None
+        while slot < self.batches_per_epoch:
+            batch = next(self._iterator)
+            slot += 1
+            self._next = (epoch, slot) if slot < self.batches_per_epoch else (epoch + 1, 0)
+            yield batch
+
+    def close(self) -> None:
+        """Stops the worker processes: the DataLoader's iterator does, once nothing holds it."""
+        self._iterator = None
+        self.loader = None  # type: ignore[assignment]
+
+
+_train_pool: WorkerPool | None = None
+
+
+def close_worker_pool() -> None:
+    """Stops this process's persistent training workers, if any (they also end with it)."""
+    global _train_pool
+    if _train_pool is not None:
+        _train_pool.close()
+        _train_pool = None
+
+
+def worker_pool_in_use() -> WorkerPool | None:
+    """This process's persistent training workers, if started."""
+    return _train_pool
+
+
+def worker_pool(key: tuple[Any, ...], make: Any) -> WorkerPool:
+    """This process's training worker pool for ``key``; one for other settings replaces it."""
+    global _train_pool
+    if _train_pool is None or _train_pool.key != key:
+        close_worker_pool()
+        _train_pool = make()
+    return _train_pool
+
+
 class _Loader:
     def __init__(self, dataset: ShardDataset, plan: EpochPlan, transform: Geometry,
                  num_workers: int, fill_corrupt: bool, max_pixels: int) -> None:
@@ -41,6 +139,8 @@ class _Loader:
         self._fill_corrupt, self._max_pixels = fill_corrupt, max_pixels
         self._consumed = 0
         self._corrupt = 0
+        # Set for GPU decoding: workers then deliver undecoded samples.
+        self.gpu_decoder: GpuDecoder | None = None
 
     def __len__(self) -> int:
         return self.plan.num_batches
@@ -55,15 +155,34 @@ class _Loader:
         """The batches from the current position to the end of the epoch."""
         if self._consumed >= len(self):
             return
-        stream = BatchStream(self.dataset, self.plan, self.transform, first_slot=self._consumed,
-                             fill_corrupt=self._fill_corrupt, max_pixels=self._max_pixels)
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=torch.cuda.is_available(), persistent_workers=False)
-        for batch in loader:
+        for batch in map(self._decoded, self._raw_batches()):
             self._count_corrupt(batch.pop("corrupt"))
             self._consumed += 1
             if batch["keys"] or self._fill_corrupt:
                 yield batch
+
+    def _decoded(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A batch prepared for GPU decoding, decoded here; others as they are."""
+        if self.gpu_decoder is None:
+            return batch
+        crops, failed = self.gpu_decoder.decode(batch["encoded"], batch["crops"])
+        for i, image in enumerate(batch["decoded"]):  # decoded by the workers' CPU path
+            if image is not None:
+                crops[i] = image.to(self.gpu_decoder.device, non_blocking=True)
+        keys, labels = batch["keys"], batch["labels"]
+        corrupt = [(keys[i], batch["shards"][i], why) for i, why in sorted(batch["failed"] + failed)]
+        order = sorted(crops)
+        return finish_batch([crops[i] for i in order], [labels[i] for i in order],
+                            [keys[i] for i in order], corrupt, len(keys),
+                            self.transform.img_size, self._fill_corrupt)
+
+    def _raw_batches(self) -> Iterator[dict[str, Any]]:
+        """Batches from the current position, as the workers (or this process) make them."""
+        stream = BatchStream(self.dataset, self.plan, self.transform, first_slot=self._consumed,
+                             fill_corrupt=self._fill_corrupt, max_pixels=self._max_pixels,
+                             raw=self.gpu_decoder is not None)
+        return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                               pin_memory=torch.cuda.is_available(), persistent_workers=False))
 
     def _count_corrupt(self, corrupt: list[tuple[str, str, str]]) -> None:
         for key, shard, reason in corrupt:
@@ -88,6 +207,41 @@ class TrainLoader(_Loader):
         self.seed, self.epoch = seed, epoch
         if resume_state is not None:
             self._consumed, self._corrupt = self._check_resume(resume_state)
+
+    def prepare(self) -> None:
+        """Starts the workers on this loader's next batches now, so they are ready by the time
+        iteration starts (build_train_loader does this)."""
+        if self.num_workers and self._consumed < len(self):
+            worker_pool(self._pool_key(), self._make_pool).prepare(self.epoch, self._consumed)
+
+    def _raw_batches(self) -> Iterator[dict[str, Any]]:
+        if self.num_workers == 0:
+            return super()._raw_batches()
+        return self._from_pool()
+
+    def _from_pool(self) -> Iterator[dict[str, Any]]:
+        # Persistent workers: the same processes serve every epoch of these settings.
+        pool = worker_pool(self._pool_key(), self._make_pool)
+        try:
+            yield from pool.batches(self.epoch, self._consumed)
+        except Exception:
+            close_worker_pool()  # a worker failed: the next epoch starts afresh
+            raise
+
+    def _pool_key(self) -> tuple[Any, ...]:
+        """Everything that decides the batches of any epoch, except the epoch."""
+        plan, dataset = self.plan, self.dataset
+        return (dataset.url, repr(sorted(dataset.options.items())), dataset.manifest.shards,
+                type(self.transform).__name__, tuple(sorted(vars(self.transform).items())),
+                self.num_workers, self._max_pixels, plan.world_size, plan.seed_parts[::2],
+                plan.batch_size, plan.num_streams, plan.shuffle_window,
+                self.gpu_decoder is not None)
+
+    def _make_pool(self) -> WorkerPool:
+        batches = SlotBatches(self.dataset, functools.partial(train_plan_for_epoch, self.plan),
+                              self.transform, fill_corrupt=True, max_pixels=self._max_pixels,
+                              raw=self.gpu_decoder is not None)
+        return WorkerPool(self._pool_key(), batches, self.num_workers, len(self))
 
     @property
     def batches_consumed(self) -> int:
@@ -143,8 +297,13 @@ class EvalLoader(_Loader):
 
 def build_train_loader(cfg: DataConfig, *, storage: StorageConfig | None = None, img_size: int, batch_size: int, rank: int,
                        world_size: int, seed: int, epoch: int,
-                       resume_state: dict[str, Any] | None = None) -> TrainLoader:
-    """The training loader of ``rank`` for ``epoch`` over ``cfg.url`` (or the embedded set)."""
+                       resume_state: dict[str, Any] | None = None,
+                       device: torch.device | None = None) -> TrainLoader:
+    """The training loader of ``rank`` for ``epoch`` over ``cfg.url`` (or the embedded set).
+
+    With ``cfg.decode`` gpu/auto in a CUDA process, images are decoded on ``device`` (default:
+    the current CUDA device) and the batches' images are already there."""
+    on = decode_device(cfg.decode, device)
     if epoch < 0:
         raise DataError(f"epoch={epoch} is not allowed: >= 0")
     train_url, _ = resolve_data_urls(cfg)
@@ -154,8 +313,13 @@ def build_train_loader(cfg: DataConfig, *, storage: StorageConfig | None = None,
                             batch_size=batch_size, num_streams=streams, seed=seed, epoch=epoch,
                             shuffle_window=cfg.shuffle_buffer)
     transform = train_transform(img_size, cfg.min_crop_scale, cfg.hflip)
-    return TrainLoader(dataset, plan, transform, num_workers=cfg.loader_workers, seed=seed,
-                       epoch=epoch, max_pixels=cfg.max_image_pixels, resume_state=resume_state)
+    loader = TrainLoader(dataset, plan, transform, num_workers=cfg.loader_workers, seed=seed,
+                         epoch=epoch, max_pixels=cfg.max_image_pixels, resume_state=resume_state)
+    if on is not None:
+        loader.gpu_decoder = GpuDecoder(transform, on)
+    # The first batches are decoded while the caller sets up the rest (model, optimizer).
+    loader.prepare()
+    return loader
 
 
 def build_eval_loader(url: str, cfg: DataConfig, *, storage: StorageConfig | None = None, img_size: int,

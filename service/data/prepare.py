@@ -9,6 +9,7 @@ after them; a complete destination is left alone.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import posixpath
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+from PIL import Image
 
 from service.data.errors import DataError
 from service.data.manifest import (
@@ -52,12 +54,14 @@ _OUR_FILES = re.compile(r"^shard-(\d{6})\.(tar|index\.json)$")
 def prepare_dataset(src: str, dest: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES,
                     storage_options: dict[str, Any] | None = None,
                     samples_per_shard: int | None = None, shuffle_seed: int | None = 0,
-                    overwrite: bool = False, max_retries: int = 5) -> dict[str, Any]:
+                    overwrite: bool = False, max_retries: int = 5,
+                    max_side: int | None = None) -> dict[str, Any]:
     """Packs the image folder or archive at ``src`` into a shard data set at ``dest``.
 
     ``storage_options`` apply to remote URLs; None: :func:`service.data.storage_options` of
     a default config, i.e. the AWS_* environment variables. Shards close at ``shard_bytes`` (or ``samples_per_shard`` samples, if given).
-    ``shuffle_seed=None`` keeps the source order. Returns the manifest as a dict.
+    ``shuffle_seed=None`` keeps the source order. ``max_side``: see :func:`limit_side`.
+    Returns the manifest as a dict.
 
     Symlinks in a local ``src`` that leave it are refused (see ``service.data.sources``). A
     missing destination bucket is an error, never created. Storage errors (unreachable,
@@ -72,7 +76,7 @@ def prepare_dataset(src: str, dest: str, *, shard_bytes: int = DEFAULT_SHARD_BYT
             return write_dataset(source, dest, shard_bytes=shard_bytes,
                                  storage_options=storage_options,
                                  samples_per_shard=samples_per_shard, overwrite=overwrite,
-                                 max_retries=max_retries,
+                                 max_retries=max_retries, max_side=max_side,
                                  extra={"shuffle_seed": shuffle_seed,
                                         **({"skipped": source.skipped} if source.skipped else {})})
     finally:
@@ -95,12 +99,16 @@ def storage_errors_named(url: str, doing: str) -> Iterator[None]:
 def write_dataset(source: ImageSource, dest: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES,
                   storage_options: dict[str, Any] | None = None,
                   samples_per_shard: int | None = None, overwrite: bool = False,
-                  max_retries: int = 5, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Writes ``source``'s images, in its order, as a shard data set at ``dest``."""
+                  max_retries: int = 5, extra: dict[str, Any] | None = None,
+                  max_side: int | None = None) -> dict[str, Any]:
+    """Writes ``source``'s images, in its order, as a shard data set at ``dest``; with
+    ``max_side``, images are stored at most that size (:func:`limit_side`)."""
     if shard_bytes < 4096:
         raise DataError(f"shard_bytes={shard_bytes} is not allowed: at least 4096")
     if samples_per_shard is not None and samples_per_shard < 1:
         raise DataError(f"samples_per_shard={samples_per_shard} is not allowed: >= 1 or None")
+    if max_side is not None and max_side < 16:
+        raise DataError(f"max_side={max_side} is not allowed: >= 16 or None")
     fs, root = filesystem(dest, storage_options)
     shown = redact_url(dest)
     # Before any image is read: a missing bucket or an unreachable endpoint fails in seconds,
@@ -127,10 +135,14 @@ def write_dataset(source: ImageSource, dest: str, *, shard_bytes: int = DEFAULT_
         log.info("%s: resuming after %d finished shards (%d/%d images)", shown, len(done),
                  position, total)
     labeled = bool(source.class_names)
-    started, written = time.monotonic(), 0
+    started, written, resized = time.monotonic(), 0, 0
     with tempfile.TemporaryDirectory(prefix="convmae-shard-") as tmp:
         writer: ShardWriter | None = None
         for image, data in read_all(source, position):
+            if max_side is not None:
+                stored = limit_side(data, max_side)
+                resized += stored is not data
+                data = stored
             if writer is not None and (
                 writer.size_with(sample_tar_bytes(len(data), labeled)) > shard_bytes
                 or writer.num_samples == samples_per_shard
@@ -151,11 +163,41 @@ def write_dataset(source: ImageSource, dest: str, *, shard_bytes: int = DEFAULT_
                         source=source.description,
                         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         extra={"shard_bytes": shard_bytes, "samples_per_shard": samples_per_shard,
+                               **({"max_side": max_side, "resized_by_this_run": resized}
+                                  if max_side is not None else {}),
                                **(extra or {})})
     _write_last(fs, posixpath.join(root, MANIFEST_NAME), manifest.to_json().encode())
     log.info("%s complete: %d images in %d shards", shown, manifest.num_samples,
              manifest.num_shards)
     return manifest.to_dict()
+
+
+# Re-encoding quality for lossy formats: visually lossless at training resolutions.
+REENCODE_QUALITY = 90
+_SAVE_OPTIONS = {"JPEG": {"quality": REENCODE_QUALITY}, "WEBP": {"quality": REENCODE_QUALITY}}
+
+
+def limit_side(data: bytes, max_side: int) -> bytes:
+    """``data`` itself when the image's shorter side is at most ``max_side`` (or it cannot be
+    read: the loader will count it); else the image scaled down (aspect kept, Lanczos) so
+    that its shorter side is ``max_side``, re-encoded in its own format."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if min(width, height) <= max_side:
+                return data
+            ratio = max_side / min(width, height)
+            size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
+            fmt = img.format or "PNG"
+            # A JPEG decodes at the smallest DCT scale that still covers the new size.
+            img.draft(img.mode, size)
+            smaller = img.resize(size, Image.Resampling.LANCZOS)
+            out = io.BytesIO()
+            smaller.save(out, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
+            return out.getvalue()
+    except Exception as exc:  # an unreadable image is stored as it is, and skipped when read
+        log.warning("cannot scale an image down (%s: %s); storing it as it is", type(exc).__name__, exc)
+        return data
 
 
 def _complete_manifest(fs: fsspec.AbstractFileSystem, root: str, shown: str) -> Manifest | None:

@@ -149,6 +149,14 @@ def plan_train_epoch(shard_sizes: tuple[int, ...], *, rank: int, world_size: int
                      seed_parts=(seed, epoch, rank), world_size=world_size)
 
 
+def train_plan_for_epoch(plan: EpochPlan, epoch: int) -> EpochPlan:
+    """A training ``plan``'s settings planned for ``epoch``."""
+    seed, _, rank = plan.seed_parts
+    return plan_train_epoch(plan.shard_sizes, rank=rank, world_size=plan.world_size,
+                            batch_size=plan.batch_size, num_streams=plan.num_streams, seed=seed,
+                            epoch=epoch, shuffle_window=plan.shuffle_window)
+
+
 def plan_eval(shard_sizes: tuple[int, ...], *, rank: int, world_size: int, batch_size: int,
               num_streams: int) -> EpochPlan:
     """Evaluation: manifest order, every sample exactly once across ranks, last batch partial."""

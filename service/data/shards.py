@@ -102,6 +102,48 @@ class ShardWriter:
         return size, digest.hexdigest()
 
 
+class ChecksumReader:
+    """A forward-only view of a binary file that hashes (sha256) every byte read through it.
+
+    ``tarfile`` only ever seeks forward over a shard it reads in order (over padding and
+    members it skips), so those seeks are done by reading, and the digest covers the bytes
+    from where the reader started. A backward seek leaves the digest incomplete
+    (``complete`` False) rather than wrong.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.position = 0
+        self.complete = True
+        self._digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self._digest.update(data)
+        self.position += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = {io.SEEK_SET: offset, io.SEEK_CUR: self.position + offset}.get(whence)
+        if target is None or target < self.position:
+            self.complete = False
+            self.position = self.raw.seek(offset, whence)
+            return self.position
+        while self.position < target:
+            if not self.read(min(target - self.position, 2**20)):
+                break
+        return self.position
+
+    def finish(self) -> tuple[int, str]:
+        """Reads (and hashes) the rest of the file; returns (bytes read, sha256 hex digest)."""
+        while self.read(2**20):
+            pass
+        return self.position, self._digest.hexdigest()
+
+
 def iter_samples(fileobj: BinaryIO, shard: str, limit: int | None = None) -> Iterator[RawSample]:
     """Samples from a seekable shard file positioned at a sample boundary, at most ``limit``."""
     if limit is not None and limit <= 0:

@@ -62,6 +62,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         return data_lib.build_train_loader(
             data_cfg, storage=cfg.storage, img_size=m.img_size, batch_size=t.batch_size_per_worker,
             rank=ctx.rank, world_size=ctx.world_size, seed=t.seed, epoch=epoch, resume_state=resume_state,
+            device=ctx.device,  # where data.decode=gpu|auto decodes, on CUDA workers
         )
 
     schedule = plan_schedule(cfg, len(loader_for(0, None)))

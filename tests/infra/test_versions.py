@@ -145,6 +145,15 @@ def test_install_script_torch_default_matches():
     assert m.group(1) == V["TORCH_VERSION"]
 
 
+def test_install_script_torchvision_default_matches():
+    """GPU machines get torchvision for the GPU decode path; the pairing with torch is pinned once."""
+    script = (REPO / "scripts" / "install.sh").read_text()
+    m = re.search(r'TORCHVISION_VERSION="\$\{TORCHVISION_VERSION:-([^}]+)\}"', script)
+    assert m, "scripts/install.sh no longer has a TORCHVISION_VERSION default"
+    assert m.group(1) == V["TORCHVISION_VERSION"]
+    assert "--no-deps" in script  # never replaces the torch build installed before it
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_dockerfile_arg_defaults_equal_versions_env(dockerfile):
     df = parse_dockerfile(dockerfile)
@@ -166,7 +175,7 @@ def test_gpu_dockerfile_pins_the_whole_stack():
     names = {n for n, _, _ in parse_dockerfile(REPO / "docker/gpu/Dockerfile").args_with_defaults()}
     assert {
         "RAY_GPU_BASE_IMAGE", "CUDA_VERSION", "TORCH_VERSION", "TORCH_CUDA_ARCH_LIST",
-        "RAY_VERSION", "DEEPSPEED_VERSION", "MLFLOW_VERSION", "S3FS_VERSION",
+        "RAY_VERSION", "DEEPSPEED_VERSION", "MLFLOW_VERSION", "S3FS_VERSION", "TORCHVISION_VERSION",
     } <= names  # fmt: skip
 
 

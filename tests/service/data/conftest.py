@@ -13,6 +13,7 @@ from PIL import Image
 
 from service.config import DataConfig, StorageConfig
 from service.data.embedded import ensure_digits
+from service.data.loader import close_worker_pool
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +73,10 @@ def storage(**overrides) -> StorageConfig:
     values = {"max_retries": 2}
     values.update(overrides)
     return StorageConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def no_lingering_loader_workers():
+    """Persistent training workers outlive their loaders by design; not past a test."""
+    yield
+    close_worker_pool()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from service.data import DataError, build_eval_loader, build_train_loader, open_dataset
+from service.data.loader import close_worker_pool, worker_pool_in_use
 from service.data.prepare import prepare_dataset, write_dataset
 from service.data.sources import MemorySource
 from tests.service.data.conftest import config, image_bytes, storage
@@ -165,3 +166,47 @@ def test_images_over_the_pixel_limit_are_skipped_counted_and_never_decoded(tmp_p
     evaluated = build_eval_loader(url, small, storage=storage(), img_size=16, batch_size=9)
     keys = [k for b in evaluated for k in b["keys"]]
     assert sorted(keys) == [f"ok{i}" for i in range(7)] and evaluated.corrupt_samples == 2
+
+
+def test_persistent_workers_serve_consecutive_epochs_exactly_once_as_fresh_workers_would(digits_train):
+    def epoch(number):
+        loader = build_train_loader(config(url=digits_train, loader_workers=2), storage=storage(), img_size=8,
+                                    batch_size=32, rank=0, world_size=1, seed=0, epoch=number)
+        return len(loader), list(loader)
+
+    close_worker_pool()
+    build_train_loader(config(url=digits_train, loader_workers=2), storage=storage(), img_size=8,
+                       batch_size=32, rank=0, world_size=1, seed=0, epoch=0)
+    assert worker_pool_in_use() is not None  # building a loader already starts its workers
+    served = [epoch(e) for e in range(3)]
+    pool = worker_pool_in_use()
+    assert pool is not None and pool.restarts == 0  # each epoch continued where the last ended
+    for length, batches in served:
+        keys = [k for b in batches for k in b["keys"]]
+        assert len(batches) == length == 1617 // 32 and len(set(keys)) == len(keys) == length * 32
+    assert [b["keys"] for b in served[1][1]] != [b["keys"] for b in served[0][1]]
+    close_worker_pool()
+    _, fresh = epoch(1)  # new processes, straight into epoch 1
+    assert [b["keys"] for b in fresh] == [b["keys"] for b in served[1][1]]
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(fresh, served[1][1]))
+    close_worker_pool()
+
+
+@pytest.mark.parametrize("detour", [False, True])
+def test_resume_mid_epoch_with_persistent_workers(digits_train, detour):
+    cfg = config(url=digits_train, loader_workers=2)
+
+    def loader(epoch, state=None):
+        return build_train_loader(cfg, storage=storage(), img_size=8, batch_size=32, rank=1, world_size=2,
+                                  seed=4, epoch=epoch, resume_state=state)
+
+    reference = keys_of(loader(1))
+    interrupted = loader(1)
+    batches = iter(interrupted)
+    head = [next(batches)["keys"] for _ in range(5)]
+    state = interrupted.state_dict()
+    batches.close()
+    if detour:  # the workers move on to another epoch before the resume
+        next(iter(loader(3)))
+    assert head + keys_of(loader(1, state)) == reference
+    close_worker_pool()

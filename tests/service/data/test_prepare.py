@@ -4,6 +4,8 @@ symlinks that leave the source, missing buckets and unreachable storage."""
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import socket
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from PIL import Image
 
 import service.data.prepare as prepare_module
 from service.config import StorageConfig
@@ -193,11 +196,13 @@ def test_cli_prepares_a_data_set_and_documents_its_options(make_image_folder, tm
                             cwd=tmp_path, timeout=120)
     assert helped.returncode == 0
     assert "--shard-size" in helped.stdout and "--endpoint-url" in helped.stdout
+    assert "--max_side None" in helped.stdout  # off by default; --max-side works too
     done = subprocess.run([sys.executable, script, str(src), str(tmp_path / "out"),
-                           "--shard-size", "16KB"], capture_output=True, text=True,
+                           "--shard-size", "16KB", "--max-side", "32"], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "8 images in" in done.stdout
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["extra"]["max_side"] == 32
     assert "images/s" in done.stderr  # progress lines
     failed = subprocess.run([sys.executable, script, str(tmp_path / "missing"),
                              str(tmp_path / "out2")], capture_output=True, text=True,
@@ -300,3 +305,29 @@ def test_cli_reports_a_missing_bucket_in_one_line(s3_server, make_image_folder, 
     assert exited.value.code == 2
     assert capsys.readouterr().err == ("prepare_data.py: error: s3://no-such-dest-91ab/x: bucket 'no-such-dest-91ab' "
                                        "does not exist; create it first (jobs never create buckets)\n")
+
+
+def test_max_side_stores_large_images_scaled_down_and_small_ones_untouched(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    originals = {"wide": image_bytes(1, (200, 150)), "tall": image_bytes(2, (90, 300), "PNG"),
+                 "small": image_bytes(3, (40, 30)), "edge": image_bytes(4, (64, 64))}
+    for name, data in originals.items():
+        (src / f"{name}.{'png' if name == 'tall' else 'jpg'}").write_bytes(data)
+    manifest = prepare_dataset(str(src), str(tmp_path / "ds"), max_side=64)
+    assert manifest["extra"]["max_side"] == 64 and manifest["extra"]["resized_by_this_run"] == 2
+    stored = read_everything(str(tmp_path / "ds"))
+    assert stored["small"][0] == originals["small"] and stored["edge"][0] == originals["edge"]
+    with Image.open(io.BytesIO(stored["wide"][0])) as wide, Image.open(io.BytesIO(stored["tall"][0])) as tall:
+        assert (wide.format, wide.size) == ("JPEG", (85, 64))
+        assert (tall.format, tall.size) == ("PNG", (64, 213))
+
+
+def test_max_side_is_off_by_default_and_checked(make_image_folder, tmp_path):
+    from service.config import ConfigError, PrepareDataConfig, load_config
+
+    assert PrepareDataConfig().max_side is None
+    assert "max_side" not in prepare_dataset(str(make_image_folder(classes=1, per_class=2)),
+                                             str(tmp_path / "ds"))["extra"]
+    with pytest.raises(ConfigError, match=r"max_side=8 is not allowed: >= 16"):
+        load_config(PrepareDataConfig, None, {"src": "a", "dest": "b", "max_side": 8})
