@@ -5,7 +5,6 @@ its own random initialisation."""
 from __future__ import annotations
 
 import pytest
-
 from mlflow import MlflowClient
 
 from service.config import EvaluateConfig, PretrainConfig, with_overrides
