@@ -200,7 +200,7 @@ class Engine:
         # hyperparameters of the first (ours: weight decay 0 for all); ours come from our config.
         hyperparameters = [{k: v for k, v in group.items() if k != "params"}
                            for group in self.ds_engine.optimizer.param_groups]
-        with _universal_copy(Path(folder)) as universal:
+        with _universal_copy(Path(folder), converts=self.ds_engine.local_rank == 0) as universal:
             self.ds_engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
             try:
                 client_state = self._load_tag(universal, ENGINE_STATE_DIR)
@@ -257,17 +257,18 @@ def saved_world_size(folder: str | Path) -> int | None:
 
 
 @contextlib.contextmanager
-def _universal_copy(folder: Path) -> Iterator[Path]:
+def _universal_copy(folder: Path, *, converts: bool) -> Iterator[Path]:
     """A scratch folder holding ``folder``'s engine state in DeepSpeed's universal format (under
     the same tag), shared by the workers of each machine; removed when every worker has loaded.
 
-    Every worker calls it (collectives). Rank 0 names the scratch folder; on each machine the
-    first worker to finish converting renames its copy into place, the others find it there
-    (or, on another machine, make their own).
+    Every worker calls it (collectives). Rank 0 names the scratch folder; the worker of each
+    machine that ``converts`` (its local rank 0) writes it, moving it into place when complete
+    (if several do, as when local ranks are unknown, the first to finish wins), while the
+    others wait at a barrier.
     """
     token = _shared_token()
     target = Path(tempfile.gettempdir()) / f"convmae-universal-{token:016x}"
-    if not (target / ENGINE_STATE_DIR).is_dir():
+    if converts and not (target / ENGINE_STATE_DIR).is_dir():
         scratch = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
         try:
             _convert_to_universal(folder / ENGINE_STATE_DIR, scratch / ENGINE_STATE_DIR)
