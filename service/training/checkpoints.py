@@ -101,18 +101,19 @@ class CheckpointWriter:
             torch.save({"torch": torch.get_rng_state()}, root / _rng_file(self.rank))
             if self.rank == 0:
                 (root / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-            write_manifest(root, rank=self.rank, world_size=world_size())  # last: it lists every file above
             checkpoint = ray.train.Checkpoint.from_directory(str(root))
+            # The manifest (a checksum of every file) is written by the upload, before it copies
+            # anything: in the background too, as nothing changes the local files any more.
+            upload = functools.partial(_upload, max_retries=self.max_retries, rank=self.rank,
+                                       workers=world_size())
             if not self.background:
-                ray.train.report(metrics, checkpoint=checkpoint,
-                                 checkpoint_upload_fn=functools.partial(_upload, max_retries=self.max_retries))
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=upload)
                 return
             ended = threading.Event()
             # Ray Train uploads from its thread and deletes the local copy once uploaded.
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
                              delete_local_checkpoint_after_upload=True,
-                             checkpoint_upload_fn=functools.partial(_upload, max_retries=self.max_retries,
-                                                                    ended=ended))
+                             checkpoint_upload_fn=functools.partial(upload, ended=ended))
             self._uploading, root = ended, None
         finally:
             if root is not None:  # uploaded while we waited, or never reported
@@ -128,13 +129,14 @@ class CheckpointWriter:
         self.waited_s += time.perf_counter() - start
 
 
-def _upload(checkpoint: Any, checkpoint_dir_name: str, *, max_retries: int,
+def _upload(checkpoint: Any, checkpoint_dir_name: str, *, max_retries: int, rank: int, workers: int,
             ended: threading.Event | None = None) -> Any:
-    """Ray Train's ``checkpoint_upload_fn``: its default upload, with retries; sets ``ended``
-    when done, whether or not it succeeded."""
+    """Ray Train's ``checkpoint_upload_fn``: this worker's checksums manifest, then Ray Train's
+    default upload, with retries; sets ``ended`` when done, whether or not it succeeded."""
     import ray.train
 
     try:
+        write_manifest(checkpoint.path, rank=rank, world_size=workers)  # last: it lists every file
         # get_storage() is a Ray DeveloperAPI: the run's StorageContext, whose
         # persist_current_checkpoint is exactly what report() does without an upload function.
         return persist_with_retries(ray.train.get_context().get_storage(), checkpoint, checkpoint_dir_name,
