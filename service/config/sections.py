@@ -140,6 +140,9 @@ class CheckpointConfig:
     every_steps: int = 50
     keep_last: int = 2
     resume: bool = True  # continue from the latest checkpoint of the same run name
+    # Upload checkpoints from a background thread while training goes on (one at a time);
+    # false: training waits for each upload.
+    background_upload: bool = True
     # One writer per run: a run's lease (service.training.lease) whose holder stopped renewing
     # it for this long is taken over by the next run of that name (at once when the holder's
     # process is seen gone on the same machine).

@@ -2,7 +2,9 @@
 
 ``len(train_loader)`` is the same on every rank (see ``sharding`` for which samples are
 dropped); the state of any rank resumes every rank, because it holds only the epoch position
-and the settings that must match.
+and the settings that must match. A state saved by another number of ranks resumes too: the
+loader then reads the rest of that epoch, split over the ranks there are now
+(``sharding.plan_train_remainder``), and says so in the log.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from service.data.dataset import ShardDataset, open_dataset
 from service.data.embedded import resolve_data_urls
 from service.data.errors import DataError
 from service.data.gpu_decode import GpuDecoder, decode_device
-from service.data.sharding import EpochPlan, plan_eval, plan_train_epoch, train_plan_for_epoch
+from service.data.sharding import (
+    EpochPlan,
+    plan_eval,
+    plan_train_epoch,
+    plan_train_remainder,
+    train_plan_for_epoch,
+)
 from service.data.storage import redact_url
 from service.data.streams import BatchStream, Geometry, SlotBatches, finish_batch
 from service.data.transforms import eval_transform, train_transform
@@ -202,20 +210,29 @@ class TrainLoader(_Loader):
 
     def __init__(self, dataset: ShardDataset, plan: EpochPlan, transform: Geometry, *,
                  num_workers: int, seed: int, epoch: int, max_pixels: int,
-                 resume_state: dict[str, Any] | None = None) -> None:
+                 resume_state: dict[str, Any] | None = None, reshards: list[tuple[int, int]] | None = None) -> None:
         super().__init__(dataset, plan, transform, num_workers, fill_corrupt=True, max_pixels=max_pixels)
         self.seed, self.epoch = seed, epoch
+        # (world size, batches consumed) of each earlier plan of this epoch: ``plan`` is the
+        # rest of the epoch after them (empty: the epoch's own plan).
+        self.reshards = [tuple(pair) for pair in reshards or []]
         if resume_state is not None:
-            self._consumed, self._corrupt = self._check_resume(resume_state)
+            self._consumed, self._corrupt = _resume_position(resume_state, self._settings(), len(self))
+
+    @property
+    def uses_worker_pool(self) -> bool:
+        """Persistent workers serve whole epochs' plans; the rest of an epoch resharded on
+        resume is another plan, read by workers of its own (once, then the pool again)."""
+        return self.num_workers > 0 and not self.reshards
 
     def prepare(self) -> None:
         """Starts the workers on this loader's next batches now, so they are ready by the time
         iteration starts (build_train_loader does this)."""
-        if self.num_workers and self._consumed < len(self):
+        if self.uses_worker_pool and self._consumed < len(self):
             worker_pool(self._pool_key(), self._make_pool).prepare(self.epoch, self._consumed)
 
     def _raw_batches(self) -> Iterator[dict[str, Any]]:
-        if self.num_workers == 0:
+        if not self.uses_worker_pool:
             return super()._raw_batches()
         return self._from_pool()
 
@@ -260,27 +277,34 @@ class TrainLoader(_Loader):
     def state_dict(self) -> dict[str, Any]:
         """Small, JSON-serialisable position after the batches consumed so far."""
         return {"format": STATE_FORMAT, "version": STATE_VERSION, **self._settings(),
-                "batches_consumed": self._consumed, "corrupt_samples": self._corrupt}
+                "batches_consumed": self._consumed, "corrupt_samples": self._corrupt,
+                "reshards": [list(pair) for pair in self.reshards]}
 
-    def _check_resume(self, state: dict[str, Any]) -> tuple[int, int]:
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise DataError(f"resume_state {state!r:.200} is not a train loader state "
-                            f"(from TrainLoader.state_dict())")
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"resume_state version {state.get('version')!r} is not supported; "
-                            f"expected {STATE_VERSION}")
-        ours = self._settings()
-        wrong = [f"{k}: saved {state.get(k)!r}, now {ours[k]!r}" for k in _STATE_KEYS
-                 if state.get(k) != ours[k]]
-        if wrong:
-            raise DataError("resume_state does not match this loader, so the rest of its epoch "
-                            "cannot be reproduced (" + "; ".join(wrong) + "); num_streams is "
-                            "data.loader_workers (at least 1)")
-        consumed = state.get("batches_consumed")
-        if not isinstance(consumed, int) or not 0 <= consumed <= len(self):
-            raise DataError(f"resume_state batches_consumed={consumed!r} is not allowed: "
-                            f"0..{len(self)}")
-        return consumed, int(state.get("corrupt_samples", 0))
+
+def check_resume_state(state: Any, settings: dict[str, int], *, other_world_size: bool = False) -> None:
+    """Raises DataError unless ``state`` (a ``TrainLoader.state_dict()``) can resume a loader
+    with ``settings``; ``other_world_size``: saved by another number of ranks is fine."""
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise DataError(f"resume_state {state!r:.200} is not a train loader state "
+                        f"(from TrainLoader.state_dict())")
+    if state.get("version") != STATE_VERSION:
+        raise DataError(f"resume_state version {state.get('version')!r} is not supported; "
+                        f"expected {STATE_VERSION}")
+    wrong = [f"{k}: saved {state.get(k)!r}, now {settings[k]!r}" for k in _STATE_KEYS
+             if state.get(k) != settings[k] and not (other_world_size and k == "world_size")]
+    if wrong:
+        raise DataError("resume_state does not match this loader, so the rest of its epoch "
+                        "cannot be reproduced (" + "; ".join(wrong) + "); num_streams is "
+                        "data.loader_workers (at least 1)")
+
+
+def _resume_position(state: dict[str, Any], settings: dict[str, int], num_batches: int) -> tuple[int, int]:
+    check_resume_state(state, settings)
+    consumed = state.get("batches_consumed")
+    if not isinstance(consumed, int) or not 0 <= consumed <= num_batches:
+        raise DataError(f"resume_state batches_consumed={consumed!r} is not allowed: "
+                        f"0..{num_batches}")
+    return consumed, int(state.get("corrupt_samples", 0))
 
 
 class EvalLoader(_Loader):
@@ -309,12 +333,33 @@ def build_train_loader(cfg: DataConfig, *, storage: StorageConfig | None = None,
     train_url, _ = resolve_data_urls(cfg)
     dataset = open_dataset(train_url, storage)
     streams = max(1, cfg.loader_workers)
-    plan = plan_train_epoch(dataset.shard_sizes, rank=rank, world_size=world_size,
-                            batch_size=batch_size, num_streams=streams, seed=seed, epoch=epoch,
-                            shuffle_window=cfg.shuffle_buffer)
+    settings = {"batch_size": batch_size, "num_streams": streams, "seed": seed, "epoch": epoch,
+                "shuffle_window": cfg.shuffle_buffer}
+    reshards: list[tuple[int, int]] = []
+    if resume_state is not None:
+        check_resume_state(resume_state, {**settings, "shuffle_window": max(1, cfg.shuffle_buffer),
+                                          "world_size": world_size, "num_samples": dataset.num_samples},
+                           other_world_size=True)
+        reshards = [tuple(pair) for pair in resume_state.get("reshards") or []]
+        if resume_state["world_size"] != world_size:  # the rest of the epoch, on the ranks there are now
+            reshards.append((resume_state["world_size"], resume_state["batches_consumed"]))
+            resume_state = {**resume_state, "world_size": world_size, "batches_consumed": 0}
+    if reshards:
+        remainder = plan_train_remainder(dataset.shard_sizes, rank=rank, world_size=world_size,
+                                         history=reshards, **settings)
+        plan = remainder.plan
+        if rank == 0 and resume_state is not None and resume_state["batches_consumed"] == 0:
+            log.info("epoch %d resharded from %d to %d rank(s): %d of its samples read before, %d left, "
+                     "now %d batch(es) of up to %d per rank%s", epoch, reshards[-1][0], world_size,
+                     remainder.read, remainder.left, plan.num_batches, batch_size,
+                     f", {remainder.dropped} left out (fewer than the ranks, for equal batch counts)"
+                     if remainder.dropped else "")
+    else:
+        plan = plan_train_epoch(dataset.shard_sizes, rank=rank, world_size=world_size, **settings)
     transform = train_transform(img_size, cfg.min_crop_scale, cfg.hflip)
     loader = TrainLoader(dataset, plan, transform, num_workers=cfg.loader_workers, seed=seed,
-                         epoch=epoch, max_pixels=cfg.max_image_pixels, resume_state=resume_state)
+                         epoch=epoch, max_pixels=cfg.max_image_pixels, resume_state=resume_state,
+                         reshards=reshards)
     if on is not None:
         loader.gpu_decoder = GpuDecoder(transform, on)
     # The first batches are decoded while the caller sets up the rest (model, optimizer).

@@ -8,6 +8,14 @@ a folder. Swapping the engine (FSDP2, ...) or compiling the model changes this m
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +25,16 @@ import torch
 from service.config import TrainingJobConfig
 from service.runtime.optim import param_groups
 from service.runtime.safe_checkpoint import safe_load, verify_checkpoint, weights_only_loads
+from service.runtime.worker import world_size
+
+log = logging.getLogger(__name__)
 
 # The engine's sub-folder of a checkpoint folder (DeepSpeed's "tag"): Ray Train gives every
 # checkpoint its own folder, so one fixed tag per folder is enough.
 ENGINE_STATE_DIR = "ds"
+# The optimizer shards of a partitioned optimizer, one per data-parallel rank: ZeRO-1/2/3, and
+# DeepSpeed's bf16 optimizer at ZeRO-0 (which partitions its fp32 master weights too).
+_OPTIMIZER_SHARD = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
 def deepspeed_config(cfg: TrainingJobConfig, *, use_gpu: bool, precision: str, lr: float) -> dict[str, Any]:
@@ -169,12 +183,147 @@ class Engine:
 
     def load(self, folder: str | Path) -> dict[str, Any]:
         """Restores model and optimizer state from ``folder``; returns the saved client state.
-        DeepSpeed's own unpickling is held to weights-only with the allow-list."""
-        with weights_only_loads():
-            load_path, client_state = self.ds_engine.load_checkpoint(str(folder), tag=ENGINE_STATE_DIR)
-        if load_path is None:
-            raise RuntimeError(f"checkpoint {folder} holds no engine state under {ENGINE_STATE_DIR!r}")
+
+        A checkpoint whose optimizer state is partitioned over another number of workers than
+        this engine's is resharded: converted into DeepSpeed's universal checkpoint format (one
+        file per parameter and state: fp32 weights, Adam's moments; ``ds_to_universal``) in a
+        scratch folder and loaded from there (``checkpoint.load_universal``), so the weights and
+        the optimizer state carry over to the new partitioning. DeepSpeed's own unpickling, the
+        conversion's included, is held to weights-only with the allow-list.
+        """
+        saved = saved_world_size(folder)
+        current = world_size()
+        if saved is None or saved == current:
+            return self._load_tag(Path(folder), ENGINE_STATE_DIR)
+        stage = self.config["zero_optimization"]["stage"]
+        # DeepSpeed 0.19's ZeRO-3 universal loading gives every parameter group the
+        # hyperparameters of the first (ours: weight decay 0 for all); ours come from our config.
+        hyperparameters = [{k: v for k, v in group.items() if k != "params"}
+                           for group in self.ds_engine.optimizer.param_groups]
+        with _universal_copy(Path(folder), converts=self.ds_engine.local_rank == 0) as universal:
+            self.ds_engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
+            try:
+                client_state = self._load_tag(universal, ENGINE_STATE_DIR)
+            finally:
+                self.ds_engine._config.load_universal_checkpoint = False
+        for group, saved_hyperparameters in zip(self.ds_engine.optimizer.param_groups, hyperparameters):
+            group.update(saved_hyperparameters)
+        # ... and puts one step-count tensor into the state of every parameter group, which
+        # torch's AdamW then advances once per group and step: each group its own copy.
+        inner = getattr(self.ds_engine.optimizer, "optimizer", self.ds_engine.optimizer)
+        for state in inner.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+        self._restore_untrained(Path(folder))
+        log.info("resharded the ZeRO-%d engine state of %s from %d worker(s) to %d (DeepSpeed universal "
+                 "checkpoint): fp32 weights and optimizer state repartitioned", stage, folder, saved, current)
         return client_state
+
+    def _restore_untrained(self, folder: Path) -> None:
+        """Frozen parameters and buffers from ``folder``: DeepSpeed's universal loading restores
+        only what its optimizer holds (the trained parameters) and leaves these as built."""
+        module = self.module
+        frozen = {name: p for name, p in module.named_parameters() if not p.requires_grad}
+        buffers = dict(module.named_buffers())
+        if not frozen and not buffers:
+            return
+        saved = _fp32_state_dict(folder)
+        missing = sorted(name for name in (*frozen, *buffers) if name not in saved)
+        if missing:
+            raise RuntimeError(f"checkpoint {folder} lacks {', '.join(missing[:5])}: cannot reshard it")
+        gathered: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if self.config["zero_optimization"]["stage"] == 3:  # parameters are partitioned
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(frozen.values()), modifier_rank=0)
+        with torch.no_grad(), gathered:
+            for name, tensor in (*frozen.items(), *buffers.items()):
+                tensor.data.copy_(saved[name])
+
+    def _load_tag(self, folder: Path, tag: str) -> dict[str, Any]:
+        with weights_only_loads():
+            load_path, client_state = self.ds_engine.load_checkpoint(str(folder), tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"checkpoint {folder} holds no engine state under {tag!r}")
+        return client_state
+
+
+def saved_world_size(folder: str | Path) -> int | None:
+    """The number of data-parallel workers whose partitioned optimizer state ``folder`` holds;
+    None when its optimizer state is not partitioned (ZeRO-0 in fp32), which loads at any size."""
+    ranks = {int(m.group(1)) for f in (Path(folder) / ENGINE_STATE_DIR).glob("*_optim_states.pt")
+             if (m := _OPTIMIZER_SHARD.search(f.name))}
+    return len(ranks) or None
+
+
+@contextlib.contextmanager
+def _universal_copy(folder: Path, *, converts: bool) -> Iterator[Path]:
+    """A scratch folder holding ``folder``'s engine state in DeepSpeed's universal format (under
+    the same tag), shared by the workers of each machine; removed when every worker has loaded.
+
+    Every worker calls it (collectives). Rank 0 names the scratch folder; the worker of each
+    machine that ``converts`` (its local rank 0) writes it, moving it into place when complete
+    (if several do, as when local ranks are unknown, the first to finish wins), while the
+    others wait at a barrier.
+    """
+    token = _shared_token()
+    target = Path(tempfile.gettempdir()) / f"convmae-universal-{token:016x}"
+    if converts and not (target / ENGINE_STATE_DIR).is_dir():
+        scratch = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
+        try:
+            _convert_to_universal(folder / ENGINE_STATE_DIR, scratch / ENGINE_STATE_DIR)
+            with contextlib.suppress(OSError):  # another worker of this machine was first
+                scratch.rename(target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    _barrier()  # every worker has a converted copy on its machine
+    try:
+        yield target
+    finally:
+        _barrier()  # every worker has loaded
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def _convert_to_universal(tag_dir: Path, out_dir: Path) -> None:
+    """DeepSpeed's ds_to_universal, in this process (one extract and one merge worker: its
+    process pools would not inherit the weights-only hold on ``torch.load``)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out_dir), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              # our models carry no UNIVERSAL_CHECKPOINT_INFO (no tensor
+                              # parallelism to describe): the converter supplies an empty one
+                              inject_missing_state=True)
+    with weights_only_loads(), contextlib.redirect_stdout(_LogWriter()):
+        ds_to_universal.main(args)
+
+
+class _LogWriter:
+    """A stdout for the converter's progress prints: debug log lines instead."""
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            log.debug("ds_to_universal: %s", text.strip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _shared_token() -> int:
+    """A random 63-bit number, the same on every worker (rank 0's)."""
+    token = torch.tensor([int.from_bytes(os.urandom(8), "big") >> 1], dtype=torch.int64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+            else torch.device("cpu")
+        token = token.to(device)
+        torch.distributed.broadcast(token, src=0)
+    return int(token.item())
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def has_engine_state(folder: str | Path) -> bool:
@@ -189,13 +338,17 @@ def consolidated_state_dict(folder: str | Path, *, label: str | None = None) -> 
     one, and every file through the weights-only allow-list; errors name files as
     ``label/...`` (default: the folder).
     """
-    folder = Path(folder)
+    verify_checkpoint(folder, label=label, require_manifest=False)
+    return _fp32_state_dict(Path(folder))
+
+
+def _fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """``consolidated_state_dict`` of a folder already verified."""
     tag_dir = folder / ENGINE_STATE_DIR
     # ZeRO-3 names them zero_pp_rank_R_mp_rank_00_model_states.pt, other stages mp_rank_00_...
     files = sorted(tag_dir.glob("*mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"no DeepSpeed model states under {tag_dir}")
-    verify_checkpoint(folder, label=label, require_manifest=False)
     model_states = safe_load(files[0])
     stage = (model_states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
     if stage > 0:  # fp32 master weights are spread over the ranks' optimizer shards

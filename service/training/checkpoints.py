@@ -15,6 +15,17 @@ errors (``storage.max_retries`` times), so a storage outage shorter than the bac
 fail the worker. Only when the retries are spent does the error reach Ray Train, which then
 fails the worker as before (and restarts it from the last checkpoint if dist.max_failures
 allows).
+
+Uploads run in the background (``checkpoint.background_upload``, default on): the checkpoint is
+written to local disk while training waits (engine state, train state with the data position,
+RNG states, manifest: one consistent snapshot), then reported with Ray Train's
+``CheckpointUploadMode.ASYNC``, which uploads it from a thread of the worker and deletes the
+local copy once uploaded; training goes on meanwhile. At most one upload is in flight: the next
+checkpoint first waits for the previous upload to end. Each checkpoint goes to a folder of its
+own, and Ray Train registers it (and only then deletes the oldest beyond
+``checkpoint.keep_last``) once its upload succeeded, so an upload cut off midway never touches
+the previous checkpoint; the half-written folder lacks files or manifests, and resuming skips it
+(``service.training.resume``).
 """
 
 from __future__ import annotations
@@ -22,7 +33,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,6 +44,7 @@ from typing import Any
 
 import torch
 
+from service.config import ConfigError, TrainingJobConfig
 from service.data.storage import retrying
 from service.runtime.engine import Engine
 from service.runtime.safe_checkpoint import safe_load, write_manifest
@@ -53,37 +67,87 @@ class TrainState:
     samples_seen: int = 0  # images consumed, all workers together
     loader_state: dict[str, Any] | None = None  # position inside ``epoch``
     extra: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 0  # workers that wrote it (0: not recorded, older checkpoints)
+    zero_stage: int | None = None  # the ZeRO stage they ran (None: not recorded)
+    # The lr schedule's step minus ``optimizer_step``: non-zero after resuming on another number
+    # of workers, whose schedule has another number of steps per epoch (see run_epochs).
+    schedule_offset: int = 0
 
 
 def _rng_file(rank: int) -> str:
     return f"rng/rank_{rank:05d}.pt"
 
 
-def save(engine: Engine, state: TrainState, metrics: dict[str, Any], rank: int, *, max_retries: int = 5) -> None:
-    """Writes this worker's shards and reports the checkpoint (a barrier across workers); the
-    upload is retried up to ``max_retries`` times on transient storage errors."""
+class CheckpointWriter:
+    """A worker's checkpoints: written locally, then uploaded in the background (or, with
+    ``background=False``, while training waits), one upload at a time."""
+
+    def __init__(self, rank: int, *, max_retries: int = 5, background: bool = True) -> None:
+        self.rank, self.max_retries, self.background = rank, max_retries, background
+        self._uploading: threading.Event | None = None  # set when the upload in flight has ended
+        self.waited_s = 0.0  # time training spent waiting for an earlier upload to end
+
+    def save(self, engine: Engine, state: TrainState, metrics: dict[str, Any]) -> None:
+        """Writes this worker's shards and reports the checkpoint (a barrier across workers);
+        the upload is retried up to ``max_retries`` times on transient storage errors."""
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        self.wait()  # at most one upload in flight
+        root = Path(tempfile.mkdtemp(prefix="convmae-ckpt-"))
+        try:
+            engine.save(root, {"train_state": asdict(state)})
+            (root / "rng").mkdir(exist_ok=True)
+            torch.save({"torch": torch.get_rng_state()}, root / _rng_file(self.rank))
+            if self.rank == 0:
+                (root / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+            checkpoint = ray.train.Checkpoint.from_directory(str(root))
+            # The manifest (a checksum of every file) is written by the upload, before it copies
+            # anything: in the background too, as nothing changes the local files any more.
+            upload = functools.partial(_upload, max_retries=self.max_retries, rank=self.rank,
+                                       workers=world_size())
+            if not self.background:
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=upload)
+                return
+            ended = threading.Event()
+            # Ray Train uploads from its thread and deletes the local copy once uploaded.
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                             delete_local_checkpoint_after_upload=True,
+                             checkpoint_upload_fn=functools.partial(upload, ended=ended))
+            self._uploading, root = ended, None
+        finally:
+            if root is not None:  # uploaded while we waited, or never reported
+                shutil.rmtree(root, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Until the upload in flight (if any) has ended; the loop calls it before finishing."""
+        if self._uploading is None:
+            return
+        start = time.perf_counter()
+        self._uploading.wait()
+        self._uploading = None
+        self.waited_s += time.perf_counter() - start
+
+
+def _upload(checkpoint: Any, checkpoint_dir_name: str, *, max_retries: int, rank: int, workers: int,
+            ended: threading.Event | None = None) -> Any:
+    """Ray Train's ``checkpoint_upload_fn``: this worker's checksums manifest, then Ray Train's
+    default upload, with retries; sets ``ended`` when done, whether or not it succeeded."""
     import ray.train
 
-    with tempfile.TemporaryDirectory(prefix="convmae-ckpt-") as tmp:
-        root = Path(tmp)
-        engine.save(root, {"train_state": asdict(state)})
-        (root / "rng").mkdir(exist_ok=True)
-        torch.save({"torch": torch.get_rng_state()}, root / _rng_file(rank))
-        if rank == 0:
-            (root / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-        write_manifest(root, rank=rank, world_size=world_size())  # last: it lists every file above
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(root)),
-                         checkpoint_upload_fn=functools.partial(_upload, max_retries=max_retries))
-
-
-def _upload(checkpoint: Any, checkpoint_dir_name: str, *, max_retries: int) -> Any:
-    """Ray Train's ``checkpoint_upload_fn``: its default upload, with retries."""
-    import ray.train
-
-    # get_storage() is a Ray DeveloperAPI: the run's StorageContext, whose
-    # persist_current_checkpoint is exactly what report() does without an upload function.
-    return persist_with_retries(ray.train.get_context().get_storage(), checkpoint, checkpoint_dir_name,
-                                max_retries=max_retries)
+    try:
+        write_manifest(checkpoint.path, rank=rank, world_size=workers)  # last: it lists every file
+        # get_storage() is a Ray DeveloperAPI: the run's StorageContext, whose
+        # persist_current_checkpoint is exactly what report() does without an upload function.
+        return persist_with_retries(ray.train.get_context().get_storage(), checkpoint, checkpoint_dir_name,
+                                    max_retries=max_retries)
+    except BaseException:
+        if ended is not None:  # Ray keeps a failed upload's local copy; the worker fails anyway
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+        raise
+    finally:
+        if ended is not None:
+            ended.set()
 
 
 def persist_with_retries(storage: Any, checkpoint: Any, checkpoint_dir_name: str, *, max_retries: int,
@@ -113,6 +177,47 @@ def restore(engine: Engine, rank: int) -> TrainState | None:
     state = TrainState(**client_state["train_state"])
     log.info("resumed from %s at epoch %d, step %d", checkpoint.label, state.epoch, state.optimizer_step)
     return state
+
+
+def resume_problems(saved: TrainState, cfg: TrainingJobConfig) -> list[str]:
+    """What keeps a checkpoint with train state ``saved`` from resuming under ``cfg``, each with
+    the flag that fixes it; empty when it resumes (on another number of workers too: the engine
+    state and the rest of the epoch are resharded)."""
+    problems = []
+    if saved.zero_stage is not None and saved.zero_stage != cfg.dist.zero_stage:
+        problems.append(f"it was written at ZeRO-{saved.zero_stage} (dist.zero_stage={cfg.dist.zero_stage} now), "
+                        f"whose optimizer state is laid out for that stage: --dist.zero_stage {saved.zero_stage}")
+    loader = saved.loader_state
+    if loader:  # mid-epoch: the rest of the epoch is replayed from these settings
+        now = {"batch_size": (cfg.train.batch_size_per_worker, "train.batch_size_per_worker"),
+               "num_streams": (max(1, cfg.data.loader_workers), "data.loader_workers"),
+               "shuffle_window": (max(1, cfg.data.shuffle_buffer), "data.shuffle_buffer"),
+               "seed": (cfg.train.seed, "train.seed")}
+        for key, (value, flag) in now.items():
+            if key in loader and loader[key] != value:
+                saved_value = loader[key]
+                fix = f"--{flag} {saved_value}" if key != "num_streams" else \
+                    f"--{flag} {saved_value if saved_value > 1 else '0 or 1'}"
+                problems.append(f"it stopped in the middle of epoch {saved.epoch + 1}, whose remaining batches "
+                                f"follow from {flag} ({key} {saved_value} then, {value} now): {fix}")
+    return problems
+
+
+def check_resumable(saved: dict[str, Any] | None, cfg: TrainingJobConfig, where: str) -> None:
+    """Raises ConfigError, naming the flags to set, when the newest checkpoint of the run
+    (``saved``, its train_state.json; None: none yet) cannot resume under ``cfg``; for drivers,
+    before the workers start."""
+    if saved is None:
+        return
+    state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
+    problems = resume_problems(state, cfg)
+    if problems:
+        raise ConfigError(f"cannot resume run_name={cfg.run_name!r} from its newest checkpoint in {where} (step "
+                          f"{state.optimizer_step}): " + "; ".join(problems)
+                          + "; or start over under a new run_name")
+    if state.world_size and state.world_size != cfg.dist.num_workers:
+        log.info("resuming run %s from a checkpoint of %d worker(s) on %d: its engine state and the rest of "
+                 "epoch %d are resharded", cfg.run_name, state.world_size, cfg.dist.num_workers, state.epoch + 1)
 
 
 def read_train_state(folder: str | Path) -> TrainState:

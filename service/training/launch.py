@@ -34,7 +34,9 @@ from service.runtime.credentials import share_credentials
 from service.runtime.safe_checkpoint import reraise_checkpoint_error
 from service.tracking import Tracker, open_run, resolve_tracking_uri
 from service.tracking.provenance import provenance
+from service.training.checkpoints import STATE_FILE, check_resumable
 from service.training.lease import LEASE_FILES, RunLease
+from service.training.resume import newest_train_state
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +163,9 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    if cfg.checkpoint.resume:  # before any worker starts: a checkpoint this config cannot resume
+        check_resumable(newest_train_state(*_run_folder(launch, cfg), STATE_FILE), cfg, launch.storage_label)
+
     trainer = TorchTrainer(
         worker,
         train_loop_config=loop_config,
@@ -237,6 +242,13 @@ def absolute_url(url: str | None) -> str | None:
     if not url or ("://" in url and not url.startswith("file://")):
         return url
     return str(Path(url.removeprefix("file://")).resolve())
+
+
+def _run_folder(launch: Launch, cfg: TrainingJobConfig) -> tuple[str, Any]:
+    """The run's folder of checkpoints and its pyarrow filesystem."""
+    import pyarrow.fs
+
+    return f"{launch.storage_path}/{cfg.run_name}", launch.storage_fs or pyarrow.fs.LocalFileSystem()
 
 
 def _refuse_existing_run(storage_path: str, storage_fs: Any, cfg: TrainingJobConfig) -> None:

@@ -172,33 +172,45 @@ def run_epochs(
     epoch's checkpoint. ``report``: extra metrics reported with every checkpoint.
     """
     t, ctx, engine, state, tracker = cfg.train, session.ctx, session.engine, session.state, session.tracker
-    total_steps = schedule.total_steps
+    loader = loader_for(state.epoch, state.loader_state) if state.epoch < t.epochs else None
+    saved_world = state.world_size or (state.loader_state or {}).get("world_size", 0)
+    if loader is not None and saved_world not in (0, ctx.world_size):
+        _continue_schedule_resharded(session, schedule, loader, saved_world, t.grad_accum_steps)
+    state.world_size, state.zero_stage = ctx.world_size, cfg.dist.zero_stage
+    # Where training stops, in optimizer steps: the end of the last epoch, or train.max_steps
+    # steps taken (also when a resumed run's schedule has another number of steps per epoch).
+    total_steps = t.epochs * schedule.steps_per_epoch - state.schedule_offset
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
     meter = ProgressMeter(total_steps=total_steps, start_step=state.optimizer_step)
     window = LossWindow(ctx.device)
     images_per_micro = t.batch_size_per_worker * ctx.world_size
-    micro_limit = schedule.steps_per_epoch * t.grad_accum_steps  # leftover micro-batches never straddle epochs
     last_saved_step = state.optimizer_step
+    writer = checkpoints.CheckpointWriter(ctx.rank, max_retries=cfg.storage.max_retries,
+                                          background=cfg.checkpoint.background_upload)
 
     def save(metrics: Mapping[str, Any]) -> None:
         nonlocal last_saved_step
         loss = window.last_loss()
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {state.optimizer_step}; lower train.blr")
-        checkpoints.save(engine, state, {**(report or {}), **metrics, "train/loss": loss,
-                                         "step": state.optimizer_step, "epoch": state.epoch}, ctx.rank,
-                         max_retries=cfg.storage.max_retries)
+        writer.save(engine, state, {**(report or {}), **metrics, "train/loss": loss,
+                                    "step": state.optimizer_step, "epoch": state.epoch})
         last_saved_step = state.optimizer_step
 
     profiler = _StepProfiler(t.profile_steps if session.is_chief else 0, tracker)
     first_step_pending = True
     while state.epoch < t.epochs and state.optimizer_step < total_steps:
-        loader = loader_for(state.epoch, state.loader_state)
+        loader = loader or loader_for(state.epoch, state.loader_state)
+        # Leftover micro-batches never straddle epochs. (len(loader) is the schedule's batches
+        # per epoch, but for the rest of an epoch resharded on resume.)
+        micro_limit = len(loader) // t.grad_accum_steps * t.grad_accum_steps
         epoch_finished = True
         for batch in _timed(loader, meter):
             if state.micro_in_epoch >= micro_limit:
                 break
-            lr = lr_at(state.optimizer_step, base_lr=session.lr, min_lr=t.min_lr,
-                       warmup_steps=schedule.warmup_steps, total_steps=total_steps)
+            lr = lr_at(state.optimizer_step + state.schedule_offset, base_lr=session.lr, min_lr=t.min_lr,
+                       warmup_steps=schedule.warmup_steps, total_steps=schedule.total_steps)
             engine.set_lr(lr)
             loss = step(batch)
             boundary = engine.backward_and_step(loss)
@@ -226,7 +238,7 @@ def run_epochs(
                                    epoch_ended=state.micro_in_epoch >= micro_limit):
                 save({})
 
-        finished_epoch = state.epoch
+        finished_epoch, loader = state.epoch, None
         if epoch_finished:
             state.epoch, state.micro_in_epoch, state.loader_state = state.epoch + 1, 0, None
         done = state.optimizer_step >= total_steps or state.epoch >= t.epochs
@@ -243,6 +255,9 @@ def run_epochs(
     profiler.finish()
     if last_saved_step != state.optimizer_step:
         save({})
+    writer.wait()  # the last checkpoint is uploaded before the worker says it is done
+    if writer.waited_s > 0.5 and session.is_chief:
+        log.info("training waited %.1f s in all for checkpoint uploads to end (one at a time)", writer.waited_s)
     tracker.close()
 
 
@@ -254,6 +269,23 @@ def report_time_to_first_step(session: WorkerSession) -> None:
     seconds = time.time() - session.job_started_at
     log.info("first step %d done %.1f s after the job started", session.state.optimizer_step, seconds)
     session.tracker.log_metrics({"system/time_to_first_step_s": seconds}, step=session.state.optimizer_step)
+
+
+def _continue_schedule_resharded(session: WorkerSession, schedule: Schedule, loader: Any, saved_world: int,
+                                 grad_accum_steps: int) -> None:
+    """Resuming on another number of workers than wrote the checkpoint: an epoch has another
+    number of optimizer steps now, so the lr schedule goes on from the step of this schedule
+    that leaves as many steps in the epoch as its (resharded) loader has batches for."""
+    state = session.state
+    steps_left = len(loader) // grad_accum_steps - loader.batches_consumed // grad_accum_steps
+    equivalent = state.epoch * schedule.steps_per_epoch + max(0, schedule.steps_per_epoch - steps_left)
+    state.schedule_offset = equivalent - state.optimizer_step
+    state.micro_in_epoch = loader.batches_consumed  # of the resharded rest of the epoch
+    if session.is_chief:
+        log.info("resumed a checkpoint of %d worker(s) on %d at step %d: %d steps per epoch now, %d left in "
+                 "epoch %d; the lr schedule goes on at its step %d of %d", saved_world, session.ctx.world_size,
+                 state.optimizer_step, schedule.steps_per_epoch, steps_left, state.epoch + 1, equivalent,
+                 schedule.total_steps)
 
 
 def _timed(loader: Any, meter: ProgressMeter) -> Iterator[dict[str, Any]]:

@@ -113,6 +113,29 @@ def find_candidates(state_file: str) -> list[Candidate]:
     return candidates
 
 
+def newest_train_state(run_folder: str, fs: Any, state_file: str) -> dict[str, Any] | None:
+    """The train state of the newest checkpoint (by training position) in ``run_folder`` (a
+    path in the pyarrow filesystem ``fs``), read on the driver before any worker starts; None
+    when the run has no readable one. Unlike a resuming worker it checks nothing else: what it
+    reads only decides whether the run can resume with this config at all."""
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(run_folder, allow_not_found=True, recursive=False))
+    newest: tuple[tuple[int, int, int], str, dict[str, Any]] | None = None
+    for info in infos:
+        if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith(CHECKPOINT_PREFIX):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/{state_file}") as f:
+                state = json.loads(f.read().decode("utf-8"))
+            key = (_position(state), info.base_name, state)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # incomplete or damaged: the workers skip it too
+        if newest is None or key[:2] > newest[:2]:
+            newest = key
+    return newest[2] if newest is not None else None
+
+
 def _agree(ok: bool, fingerprint: int) -> bool:
     """True when the candidate is usable on every worker (a collective: every rank calls it)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

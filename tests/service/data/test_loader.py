@@ -3,6 +3,7 @@ pixel limit."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 import zlib
 
@@ -82,6 +83,53 @@ def test_resume_with_in_process_loading(digits_train):
                                  epoch=2, resume_state=state)
     assert head + keys_of(resumed) == reference
     assert keys_of(resumed) == []  # the epoch is used up
+
+
+def test_an_epoch_resumed_on_1_then_3_ranks_after_2_reads_each_image_once(tmp_path, make_image_folder):
+    src = make_image_folder(classes=3, per_class=23)  # 69 images: 2 ranks x 8 batches of 4, 5 left out
+    prepare_dataset(str(src), str(tmp_path / "ds"), samples_per_shard=7)
+    cfg = config(url=str(tmp_path / "ds"), loader_workers=2, shuffle_buffer=5)
+
+    def loader(rank, world, resume_state=None):
+        return build_train_loader(cfg, storage=storage(), img_size=8, batch_size=4, rank=rank, world_size=world,
+                                  seed=1, epoch=3, resume_state=resume_state)
+
+    def read(loader_, batches=None):
+        keys = [k for batch in itertools.islice(loader_, batches) for k in batch["keys"]]
+        return keys, loader_.state_dict()
+
+    whole_epoch = [k for rank in range(2) for k in read(loader(rank, 2))[0]]  # what 2 ranks would read
+    seen, states = [], []
+    for rank in range(2):  # 2 ranks read 3 batches each, then stop
+        keys, state = read(loader(rank, 2), 3)
+        seen += keys
+        states.append(state)
+    assert states[0] == states[1]
+    one = loader(0, 1, resume_state=states[0])  # 1 rank: the 40 left, in 10 batches; it reads 4
+    assert len(one) == 10 and one.batches_consumed == 0
+    keys, state = read(one, 4)
+    seen += keys
+    three = [loader(rank, 3, resume_state=state) for rank in range(3)]  # 3 ranks: 24 left, 2 batches each
+    assert [len(rest) for rest in three] == [2, 2, 2]
+    for rest in three:
+        seen += read(rest)[0]
+    assert len(seen) == len(set(seen)) == len(whole_epoch)  # nothing twice, nothing skipped
+    assert set(seen) == set(whole_epoch)
+
+    # Resuming a resharded epoch at the same size goes on where it stopped.
+    again = loader(0, 1, resume_state=states[0])
+    first_two, mid = read(again, 2)
+    assert loader(0, 1, resume_state=mid).batches_consumed == 2
+    assert first_two + read(loader(0, 1, resume_state=mid))[0] == read(loader(0, 1, resume_state=states[0]))[0]
+
+
+def test_a_state_saved_with_another_batch_size_is_refused_also_on_other_ranks(digits_train):
+    cfg = config(url=digits_train)
+    state = build_train_loader(cfg, storage=storage(), img_size=8, batch_size=64, rank=0, world_size=2, seed=0,
+                               epoch=0).state_dict()
+    with pytest.raises(DataError, match=r"batch_size: saved 64, now 32"):
+        build_train_loader(cfg, storage=storage(), img_size=8, batch_size=32, rank=0, world_size=1, seed=0,
+                           epoch=0, resume_state=state)
 
 
 def test_memory_urls_work(digits_val):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.data.errors import DataError
-from service.data.sharding import plan_eval, plan_train_epoch
+from service.data.sharding import plan_eval, plan_train_epoch, plan_train_remainder
 
 SHARDS = (7, 30, 1, 13, 13, 22, 5)  # uneven on purpose; 91 samples
 
@@ -103,3 +103,58 @@ def test_bad_arguments_are_named(kwargs, match):
             "epoch": 0, "shuffle_window": 1, **kwargs}
     with pytest.raises(DataError, match=match):
         plan_train_epoch(SHARDS, **args)
+
+
+def delivered(plan, batches: int) -> list[int]:
+    """Epoch positions of the first ``batches`` delivery slots of a rank (plan indices mapped)."""
+    out = []
+    for stream in range(plan.num_streams):
+        done = min(plan.first_batch(stream, batches), len(plan.stream_batches(stream)))
+        out.extend(plan.emission_order(stream)[: done * plan.batch_size])
+    return [plan.positions[i] for i in out] if plan.positions is not None else out
+
+
+def remainder_plans(world, history, batch, streams):
+    return [plan_train_remainder(SHARDS, rank=r, world_size=world, batch_size=batch, num_streams=streams,
+                                 seed=3, epoch=2, shuffle_window=8, history=history) for r in range(world)]
+
+
+@pytest.mark.parametrize("batch,streams,chain", [
+    (4, 1, [(2, 3), (1, 4), (3, None)]),   # 2 -> 1 -> 3 ranks
+    (4, 3, [(2, 5), (1, 7), (3, None)]),   # streams: slots interleave the streams' batches
+    (3, 2, [(3, 2), (2, 1), (4, None)]),
+    (5, 2, [(1, 0), (2, 2), (1, None)]),   # nothing read yet when first resharded
+])
+def test_an_epoch_resharded_mid_way_reads_every_sample_once(batch, streams, chain):
+    first_world, consumed = chain[0]
+    first = train_plans(first_world, batch, streams, epoch=2, seed=3)
+    everything = [pos for p in first for pos in positions_of(p)]  # what the epoch would have read
+    read = [pos for p in first for pos in delivered(p, consumed)]
+    history = [chain[0]]
+    dropped = 0
+    for world, consumed in chain[1:]:
+        plans = remainder_plans(world, history, batch, streams)
+        assert len({p.plan.num_batches for p in plans}) == 1  # equal batch counts: DeepSpeed's steps
+        assert {p.dropped for p in plans} == {plans[0].dropped} and plans[0].dropped < world
+        assert plans[0].read == len(read)
+        dropped += plans[0].dropped
+        take = plans[0].plan.num_batches if consumed is None else consumed
+        read += [pos for p in plans for pos in delivered(p.plan, take)]
+        history.append((world, take))
+    assert len(read) == len(set(read))  # nothing twice
+    assert len(set(everything) - set(read)) == dropped  # nothing skipped but the dropped
+    assert set(read) <= set(everything)
+
+
+def positions_of(plan) -> list[int]:
+    return [i for s in range(plan.num_streams) for i in plan.emission_order(s)]
+
+
+def test_a_remainder_too_small_for_one_sample_per_rank_is_dropped_and_counted():
+    # 2 ranks x 11 batches of 4 (88 samples); each read 10 batches: 8 left. On 3 ranks of batch
+    # 4: 2 or 3 samples each = 1 batch each. On 9 ranks: the 8 cannot give every rank one.
+    for world, batches, dropped in ((3, 1, 0), (9, 0, 8)):
+        plans = remainder_plans(world, [(2, 10)], 4, 1)
+        assert plans[0].left == 8 and plans[0].read == 80
+        assert {p.plan.num_batches for p in plans} == {batches}
+        assert plans[0].dropped == dropped
