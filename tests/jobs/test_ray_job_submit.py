@@ -82,7 +82,7 @@ def submit(env: dict[str, str], *args: str) -> str:
 
 def test_submitted_pretraining_persists_resumes_and_registers(token_cluster, tmp_path):
     root = tmp_path / "convmae-home"
-    tiny = ["--storage.root", str(root), "--run_name", "front-door", "--data.loader_workers", "0",
+    tiny = ["--storage.root", str(root), "--run_name", "front-door", "--model.img_size", "32", "--data.loader_workers", "0",
             "--train.batch_size_per_worker", "16", "--train.log_every_steps", "2", "--train.knn_k", "0",
             "--checkpoint.every_steps", "2", "--mlflow.system_metrics", "false",
             "--mlflow.registered_model_name", "front-door"]
@@ -120,8 +120,10 @@ def job_cli(env: dict[str, str], *args: str) -> str:
 
 
 def job_status(env: dict[str, str], submission_id: str) -> str:
-    found = re.search(r"Status for job '[^']+': (\w+)", job_cli(env, "status", submission_id))
-    return found.group(1) if found else "UNKNOWN"
+    """The job's status word, or the CLI's whole answer when it has none (an error to show)."""
+    answer = job_cli(env, "status", submission_id)
+    found = re.search(r"Status for job '[^']+': (\w+)", answer)
+    return found.group(1) if found else f"UNKNOWN: {answer[-1500:]}"
 
 
 def test_a_submitted_job_carries_the_submitters_provenance_and_ends_killed_when_stopped(

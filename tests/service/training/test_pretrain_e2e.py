@@ -140,7 +140,9 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(ray_cluster, digits
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), f"loss differs at step {step}"
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])
+# ZeRO-2 runs in every other test here; 3 partitions the weights too. 0 and 1 are also covered
+# by the slow resharding tests (tests/service/runtime/test_engine_reshard.py).
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow), 3])
 def test_zero_stage_smoke(ray_cluster, digits_dir, tmp_path, stage):
     cfg = tiny_config(tmp_path, digits_dir, **{"run_name": f"zero{stage}", "dist.zero_stage": stage,
                                                "train.max_steps": 3, "train.knn_k": 0})
