@@ -123,7 +123,12 @@ def job_status(env: dict[str, str], submission_id: str) -> str:
     """The job's status word, or the CLI's whole answer when it has none (an error to show)."""
     answer = job_cli(env, "status", submission_id)
     found = re.search(r"Status for job '[^']+': (\w+)", answer)
-    return found.group(1) if found else f"UNKNOWN: {answer[-1500:]}"
+    if found:
+        return found.group(1)
+    # Ray's CLI words the end states as sentences instead.
+    ended = {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}
+    found = re.search(r"Job '[^']+' (succeeded|failed|was stopped)", answer)
+    return ended[found.group(1)] if found else f"UNKNOWN: {answer[-1500:]}"
 
 
 def test_a_submitted_job_carries_the_submitters_provenance_and_ends_killed_when_stopped(
