@@ -1,8 +1,9 @@
 """The per-worker half of a loader: read a stream's samples, shuffle them, decode batches.
 
 An instance is pickled (or forked) into every DataLoader worker; the worker's id picks which
-stream of the :class:`EpochPlan` it produces. Batches leave the worker already stacked and
-normalised, along with the keys of images that could not be decoded.
+stream of the :class:`EpochPlan` it produces. Batches leave the worker stacked, as uint8
+pixels (the loader normalises them on the training device), along with the keys of images that
+could not be decoded.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from service.data.dataset import ShardDataset
 from service.data.gpu_decode import Crop, gpu_decodable
 from service.data.sharding import EpochPlan
 from service.data.shards import RawSample
-from service.data.transforms import check_pixels, to_normalized_batch
+from service.data.transforms import check_pixels, stack_pixels
 
 
 class Geometry(Protocol):
@@ -164,7 +165,8 @@ def finish_batch(images: list[torch.Tensor], labels: list[int], keys: list[str],
                  corrupt: list[tuple[str, str, str]], count: int, img_size: int,
                  fill_corrupt: bool) -> dict[str, Any]:
     """The batch dict from the decoded uint8 (3, S, S) images of a batch of ``count`` samples
-    (on any device; normalised there), with undecodable ones filled in as the class says."""
+    (on any device), with undecodable ones filled in as the class says; its images are uint8
+    (N, 3, S, S), normalised where they are trained on (the loader does that)."""
     if fill_corrupt and corrupt:
         missing = count - len(images)
         if images:
@@ -177,8 +179,8 @@ def finish_batch(images: list[torch.Tensor], labels: list[int], keys: list[str],
             blank = torch.tensor(_MEAN_RGB, dtype=torch.uint8).view(3, 1, 1).expand(3, img_size, img_size)
             images, labels, keys = [blank] * missing, [-1] * missing, [c[0] for c in corrupt]
     return {
-        "images": (to_normalized_batch(images) if images
-                   else torch.empty((0, 3, img_size, img_size))),
+        "images": (stack_pixels(images) if images
+                   else torch.empty((0, 3, img_size, img_size), dtype=torch.uint8)),
         "labels": torch.tensor(labels, dtype=torch.long),
         "keys": keys,
         "corrupt": corrupt,

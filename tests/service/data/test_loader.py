@@ -3,6 +3,7 @@ pixel limit."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import struct
 import zlib
@@ -10,11 +11,14 @@ import zlib
 import fsspec
 import pytest
 import torch
+from PIL import Image
 
 from service.data import DataError, build_eval_loader, build_train_loader, open_dataset
 from service.data.loader import close_worker_pool, worker_pool_in_use
 from service.data.prepare import prepare_dataset, write_dataset
 from service.data.sources import MemorySource
+from service.data.streams import finish_batch
+from service.data.transforms import eval_transform, normalize_batch
 from tests.service.data.conftest import config, image_bytes, storage
 
 
@@ -160,6 +164,28 @@ def test_eval_is_unaugmented_and_repeatable(digits_val):
     first, second = list(loader), list(loader)
     assert len(first) == len(loader) == 3
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(first, second))
+
+
+def test_workers_hand_over_uint8_pixels_and_batches_arrive_normalised(digits_val):
+    """The workers' batches cross process boundaries as uint8; the loader normalises them in
+    the training process, to the same floats as decoding there."""
+    def by_key(workers):
+        loader = build_eval_loader(digits_val, config(loader_workers=workers), storage=storage(), img_size=16,
+                                   batch_size=64)
+        batches = list(loader)
+        assert all(b["images"].dtype == torch.float32 for b in batches)
+        return {k: image for b in batches for k, image in zip(b["keys"], b["images"])}
+
+    in_process, from_workers = by_key(0), by_key(2)
+    assert in_process.keys() == from_workers.keys()
+    assert all(torch.equal(in_process[k], from_workers[k]) for k in in_process)
+    dataset = open_dataset(digits_val, storage())
+    sample = next(iter(dataset.read(0, 0, 1)))
+    with Image.open(io.BytesIO(sample.image)) as img:
+        expected = normalize_batch(eval_transform(16).geometry(img).unsqueeze(0))[0]
+    torch.testing.assert_close(in_process[sample.key], expected)
+    handed_over = finish_batch([torch.zeros(3, 16, 16, dtype=torch.uint8)], [0], ["k"], [], 1, 16, False)
+    assert handed_over["images"].dtype == torch.uint8  # what a worker's batch carries
 
 
 def test_too_few_samples_for_the_cluster_is_a_clear_error(digits_val):

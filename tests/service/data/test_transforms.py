@@ -16,9 +16,10 @@ from service.data.transforms import (
     dct_scale,
     eval_transform,
     hwc_pixels,
+    normalize_batch,
     resized_crop,
+    stack_pixels,
     to_chw,
-    to_normalized_batch,
     train_transform,
 )
 from tests.service.data.conftest import image_bytes
@@ -143,8 +144,10 @@ def test_torch_crop_and_resize_match_pils():
 def test_batch_normalisation_matches_per_image():
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (8, 6, 3), dtype=np.uint8)) for _ in range(4)]
-    batch = to_normalized_batch(images)
-    assert batch.shape == (4, 3, 8, 6) and batch.is_contiguous()
+    pixels = stack_pixels(images)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, 8, 6)
+    batch = normalize_batch(pixels)
+    assert batch.dtype == torch.float32 and batch.shape == (4, 3, 8, 6) and batch.is_contiguous()
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     for i, img in enumerate(images):
