@@ -10,7 +10,8 @@ from service.tracking.mlflow_run import (
     open_run,
     resolve_tracking_uri,
     run_status,
+    warm_up,
 )
 
 __all__ = ["ERROR_TAG", "NullTracker", "Tracker", "ensure_experiment", "find_run_id", "open_run", "resolve_tracking_uri",
-           "run_status"]
+           "run_status", "warm_up"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -300,6 +301,28 @@ def open_run(
         log.warning("MLflow at %s is unavailable (%s); the job continues without tracking", tracking_uri, exc)
         return NullTracker()
     return Tracker(tracking_uri, run_id, system_metrics=system_metrics)
+
+
+def warm_up(tracking_uri: str, experiment: str) -> threading.Thread:
+    """Imports MLflow and opens ``tracking_uri``'s store (a new sqlite store creates its tables)
+    in a background thread, so that this start-up cost overlaps other work (the driver's Ray
+    start); MLflow keeps the store for the URI, so the :func:`open_run` that follows finds it
+    ready. Failures are left for ``open_run`` to report. Join the thread before ``open_run``:
+    two threads setting up the same new store would race on its tables."""
+    for key, value in _FAST_FAIL_ENV.items():  # an unreachable server must not hold up the join
+        os.environ.setdefault(key, value)
+
+    def work() -> None:
+        try:
+            from mlflow import MlflowClient
+
+            MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)
+        except Exception as exc:
+            log.debug("warming MLflow at %s failed (%s); open_run will say", tracking_uri, exc)
+
+    thread = threading.Thread(target=work, name="mlflow-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def find_run_id(tracking_uri: str, experiment: str, identity: Mapping[str, str]) -> str | None:

@@ -32,7 +32,7 @@ from service.runtime.cluster import (
 )
 from service.runtime.credentials import share_credentials
 from service.runtime.safe_checkpoint import reraise_checkpoint_error
-from service.tracking import Tracker, open_run, resolve_tracking_uri
+from service.tracking import Tracker, open_run, resolve_tracking_uri, warm_up
 from service.tracking.provenance import provenance
 from service.training.checkpoints import STATE_FILE, check_resumable
 from service.training.lease import LEASE_FILES, RunLease
@@ -122,11 +122,17 @@ def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | 
     try:
         if not cfg.checkpoint.resume:
             _refuse_existing_run(storage_path, storage_fs, cfg)
-        connect_ray(cfg.dist.ray_address)
+        tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        # MLflow's import and store set-up (seconds) overlap Ray's start, which mostly waits.
+        mlflow_ready = warm_up(tracking_uri, cfg.mlflow.experiment) if cfg.mlflow.enabled else None
+        try:
+            connect_ray(cfg.dist.ray_address)
+        finally:
+            if mlflow_ready is not None:
+                mlflow_ready.join()
         use_gpu = resolve_use_gpu(cfg)
         precision = resolve_precision(cfg, use_gpu)
         compile_model = cfg.dist.compile if cfg.dist.compile is not None else use_gpu
-        tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
         tracker = open_run(tracking_uri, cfg.mlflow.experiment,
                            identity=run_identity(cfg.run_name, storage_label), run_name=cfg.run_name,
                            resume=cfg.checkpoint.resume, parent_run_id=parent_run_id, tags=tags,

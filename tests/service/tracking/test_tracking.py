@@ -3,7 +3,7 @@ import socket
 import pytest
 from mlflow import MlflowClient
 
-from service.tracking import ERROR_TAG, Tracker, ensure_experiment, resolve_tracking_uri
+from service.tracking import ERROR_TAG, Tracker, ensure_experiment, resolve_tracking_uri, warm_up
 
 
 def _closed_port() -> int:
@@ -124,3 +124,15 @@ def test_a_disabled_tracker_touches_no_mlflow_store(tmp_path, monkeypatch):
     tracker.set_tags({"git_commit": "abc"})
     tracker.finish("FINISHED")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_warm_up_sets_up_the_store_in_the_background_and_never_raises(tmp_path):
+    uri = resolve_tracking_uri(f"sqlite:///{tmp_path}/warm.db")
+    warming = warm_up(uri, "unit")
+    warming.join(timeout=120)
+    assert not warming.is_alive() and (tmp_path / "warm.db").exists()  # tables made, off the caller's thread
+    client = MlflowClient(uri)
+    assert ensure_experiment(client, uri, "unit")  # the warmed store is a working one
+    unreachable = warm_up(f"http://127.0.0.1:{_closed_port()}", "unit")
+    unreachable.join(timeout=120)
+    assert not unreachable.is_alive()  # it failed quietly; open_run reports such a store
