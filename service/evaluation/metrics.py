@@ -3,7 +3,7 @@
 Training loss is not comparable across mask ratios (a higher ratio reconstructs more patches),
 so sweeps and the evaluate job compare:
 - ``val/recon_loss``: reconstruction loss on a held-out split at one fixed mask ratio, with
-  fixed, seeded masks;
+  fixed masks, each sample's seeded by its key;
 - ``val/knn_top1``: k-NN top-1 accuracy of the encoder's pooled features (labeled data only).
 
 Fine-tuned classifiers are scored with ``classification_metrics`` (top-1 and cross-entropy).
@@ -11,12 +11,14 @@ Fine-tuned classifiers are scored with ``classification_metrics`` (top-1 and cro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from convmae import BlockMask
 from service.runtime.worker import all_gather_tensors, all_reduce_max, all_reduce_sum
 
 EVAL_MASK_SEED = 20_220_503  # fixed masks: the same for every trial and every evaluation
@@ -87,18 +89,43 @@ def reconstruction_loss(
     dtype: torch.dtype,
     rank: int = 0,
 ) -> float:
-    """Mean loss over all workers' samples with fixed, seeded masks."""
+    """Mean loss over all workers' samples, each under its own fixed mask (``sample_mask``), so
+    the figure does not depend on how the samples were batched: loader workers, world size and
+    batch size give the same loss."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i, batch in enumerate(lockstep(batches, device)):
-        gen = torch.Generator().manual_seed(EVAL_MASK_SEED + 100_003 * rank + i)
+    for batch in lockstep(batches, device):
         if batch is None:
-            module(_dummy_like(img_size, device, dtype), mask_ratio=mask_ratio, generator=gen)
+            module(_dummy_like(img_size, device, dtype), mask_ratio=mask_ratio,
+                   generator=torch.Generator().manual_seed(EVAL_MASK_SEED + rank))
             continue
         images = batch["images"].to(device, dtype=dtype)
-        loss, _, _ = module(images, mask_ratio=mask_ratio, generator=gen)
+        masks = sample_masks(module, images, batch["keys"], mask_ratio)
+        loss, _, _ = module(images, block_mask=masks)
         total += torch.tensor([float(loss) * images.shape[0], images.shape[0]], dtype=torch.float64, device=device)
     total = all_reduce_sum(total)
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+def sample_masks(module: torch.nn.Module, images: torch.Tensor, keys: Sequence[str], mask_ratio: float) -> BlockMask:
+    """The evaluation masks of a batch: each sample's drawn from a generator seeded by its key.
+
+    Every sample hides the same number of tokens, so the batch loss (a mean over masked patches)
+    times the batch size is the sum of per-sample losses, whichever samples share the batch.
+    """
+    masks = [module.random_mask(images[i : i + 1], mask_ratio, torch.Generator().manual_seed(mask_seed(key)))
+             for i, key in enumerate(keys)]
+    return BlockMask(
+        ids_keep=torch.cat([m.ids_keep for m in masks]),  # (B, K)
+        ids_restore=torch.cat([m.ids_restore for m in masks]),  # (B, L)
+        mask=torch.cat([m.mask for m in masks]),  # (B, L)
+        grid=masks[0].grid,
+    )
+
+
+def mask_seed(key: str) -> int:
+    """A sample's evaluation-mask seed: a stable hash of its key (``hash()`` is salted per process)."""
+    digest = hashlib.blake2b(f"{EVAL_MASK_SEED}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # manual_seed takes up to 2**63 - 1
 
 
 @torch.no_grad()
