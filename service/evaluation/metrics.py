@@ -89,7 +89,7 @@ def reconstruction_loss(
     dtype: torch.dtype,
     rank: int = 0,
 ) -> float:
-    """Mean loss over all workers' samples, each under its own fixed mask (``sample_mask``), so
+    """Mean loss over all workers' samples, each under its own fixed mask (``sample_masks``), so
     the figure does not depend on how the samples were batched: loader workers, world size and
     batch size give the same loss."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
