@@ -98,7 +98,7 @@ class TrainConfig(OptimConfig):
     eval_mask_ratio: float = 0.75  # fixed ratio for the comparable validation loss
     knn_k: int = 20  # k of the k-NN validation metric on labeled data; 0 turns it off
     knn_train_samples: int = 20_000  # size of the k-NN feature bank drawn from the train split
-    eval_before_training: bool = True  # validate the starting weights first (val/* at step 0)
+    eval_before_training: bool = True  # score the starting weights too (val/* at step 0, at the first validation)
 
 
 @dataclass(frozen=True)

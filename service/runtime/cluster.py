@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 # A local run's cluster is reachable from this machine only.
 LOOPBACK = "127.0.0.1"
+# Ray Train's node-preemption watcher (an extra actor process per run, and a core-worker
+# error line about its restart arguments in every run's log) has nothing to watch on a
+# cluster that is this machine alone: a run on it ends with the machine.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -67,6 +71,7 @@ def _start_local_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
     }
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")  # read by Ray Train in this driver
     try:
         with _loopback_node_ip():
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK,

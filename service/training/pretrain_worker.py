@@ -25,6 +25,20 @@ from service.training.loop import (
 log = logging.getLogger(__name__)
 
 RECON_IMAGES = 8  # rows of the reconstruction grid logged at epoch ends
+# Train-state flag: the random start's scores (train.eval_before_training) are still to be logged.
+RANDOM_START_DUE = "random_start_due"
+
+
+def starting_model(cfg: PretrainConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The weights training started from, as the engine held them before its first step: the
+    model built again under ``train.seed`` (this process's random state is left as it was)."""
+    from convmae import build_model
+
+    m = cfg.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(m.name, img_size=m.img_size, norm_pix_loss=m.norm_pix_loss)
+    return model.to(device=device, dtype=dtype)
 
 
 def mask_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
@@ -74,12 +88,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             session.lr,
         )
 
+    # The random start, for comparison: what pretraining gained shows in the run itself (val/*
+    # at step 0). It is scored at the first validation, from the starting weights rebuilt, so
+    # that training starts seconds sooner; until then checkpoints carry that it is still due.
     if val_url and t.eval_before_training and state.optimizer_step == 0:
-        # The random start, for comparison: what pretraining gained shows in the run itself.
-        start = validate_during_training(engine.module, cfg, val_url, train_url, ctx, session.dtype)
-        if session.is_chief:
-            session.tracker.log_metrics(start, step=0)
-            log.info("before training: %s", ", ".join(f"{k}={v:.4f}" for k, v in start.items()))
+        state.extra[RANDOM_START_DUE] = True
 
     recon_batch: torch.Tensor | None = None  # the first images seen: the same grid every epoch
 
@@ -93,6 +106,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     def epoch_end(end: EpochEnd) -> dict[str, float]:
         metrics: dict[str, float] = {}
+        if val_url and end.validation_due and state.extra.pop(RANDOM_START_DUE, False):
+            start = validate_during_training(starting_model(cfg, ctx.device, session.dtype), cfg, val_url, train_url,
+                                             ctx, session.dtype)
+            if session.is_chief:
+                session.tracker.log_metrics(start, step=0)
+                log.info("random start (step 0): %s", ", ".join(f"{k}={v:.4f}" for k, v in start.items()))
         if val_url and end.validation_due:
             metrics.update(validate_during_training(engine.module, cfg, val_url, train_url, ctx, session.dtype))
         recon_due = end.finished and (end.epoch + 1) % cfg.mlflow.recon_every_epochs == 0

@@ -71,6 +71,10 @@ def test_s3_data_and_checkpoints_survive_a_worker_failure_and_register_the_model
     result = run_pretraining(cfg)
 
     assert marker.exists(), "the injected worker failure did not happen"
+    # The local cluster is this machine: Ray Train's node-preemption watcher is not started.
+    from ray.util.state import list_actors
+
+    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")])
     assert result.metrics["step"] == 10
     assert 0.0 <= result.metrics["val/knn_top1"] <= 1.0 and result.metrics["val/recon_loss"] > 0
     checkpoints = [p for p in fs.ls(f"{bucket}/runs/s3-run") if p.rsplit("/", 1)[-1].startswith("checkpoint_20")]
@@ -138,6 +142,12 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(ray_cluster, digits
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     for step in range(1, steps + 1):
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), f"loss differs at step {step}"
+    # The random start is scored at the first validation (step 8 here), from the starting
+    # weights rebuilt: the interrupted run stopped before it, so the resumed run scored it.
+    val_a, val_b = ({m.step: m.value for m in client.get_metric_history(r.mlflow_run_id, "val/recon_loss")}
+                    for r in (straight, resumed))
+    assert sorted(val_a) == sorted(val_b) == [0, steps]
+    assert val_b[0] == pytest.approx(val_a[0], rel=1e-6) and val_a[0] != pytest.approx(val_a[steps], rel=1e-3)
 
 
 # ZeRO-2 runs in every other test here; 3 partitions the weights too. 0 and 1 are also covered
