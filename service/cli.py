@@ -11,7 +11,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from service.config import ConfigError, dump_yaml, flatten, load_config, parse_cli_overrides
+from service.config import (
+    ConfigError,
+    dump_yaml,
+    flatten,
+    load_config,
+    parse_cli_overrides,
+    redact_text,
+)
 from service.config.locations import resolve_locations
 
 C = TypeVar("C")
@@ -19,6 +26,10 @@ R = TypeVar("R")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
+    """The job's log format, quieter third-party loggers, and redaction of every message."""
+    from service.runtime.logs import install_redaction
+
+    install_redaction()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("urllib3", "botocore", "s3fs", "aiobotocore", "alembic", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -62,7 +73,7 @@ def parse_config(parser: argparse.ArgumentParser, config_cls: type[C], argv: Seq
         overrides.update({key: getattr(args, key) for key in positionals if getattr(args, key) is not None})
         config = resolve_locations(load_config(config_cls, args.config, overrides))
     except ConfigError as exc:
-        parser.exit(2, f"{parser.prog}: error: invalid config: {exc}\n")
+        parser.exit(2, f"{parser.prog}: error: invalid config: {redact_text(str(exc))}\n")
     if args.print_config:
         sys.stdout.write(dump_yaml(config))
         parser.exit(0)
@@ -70,7 +81,8 @@ def parse_config(parser: argparse.ArgumentParser, config_cls: type[C], argv: Seq
 
 
 def report_config_error(parser: argparse.ArgumentParser, exc: Exception) -> Any:
-    parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    """Exits 2 with one line naming the bad input (any URL's password removed)."""
+    parser.exit(2, f"{parser.prog}: error: {redact_text(str(exc))}\n")
 
 
 def run_job(
@@ -98,7 +110,10 @@ def run_job(
             result = run(config)
     except USER_ERRORS as exc:
         report_config_error(parser, exc)
-    return report(result, config)
+    from service.runtime.logs import redacted_stdout
+
+    with redacted_stdout():
+        return report(result, config)
 
 
 @contextmanager

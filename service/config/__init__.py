@@ -26,6 +26,7 @@ from service.config.schema import (
     from_dict,
     load_config,
     parse_cli_overrides,
+    redact_text,
     redact_url,
     redacted,
     set_dotted,
@@ -53,6 +54,6 @@ __all__ = [
     "DistributedConfig", "EvaluateConfig", "FinetuneConfig", "FinetuneTrainConfig", "MLflowConfig",
     "ModelConfig", "OptimConfig", "PrepareDataConfig", "PretrainConfig", "ReconstructConfig", "StorageConfig", "SweepConfig",
     "TrainConfig", "TrainingJobConfig", "TuneJobConfig", "check", "dump_yaml", "flatten", "from_dict",
-    "load_config", "parse_cli_overrides", "redact_url", "redacted", "set_dotted", "to_dict", "validate_finetune",
+    "load_config", "parse_cli_overrides", "redact_text", "redact_url", "redacted", "set_dotted", "to_dict", "validate_finetune",
     "validate_model_source_keys", "validate_pretrain", "with_overrides",
 ]

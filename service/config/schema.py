@@ -153,9 +153,19 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+# A URL's ``user:password@`` anywhere in a text: greedy up to the authority's last ``@``, so a
+# password with an unescaped ``@`` goes whole.
+_URL_USERINFO = re.compile(r"\b([a-zA-Z][\w+.-]*://)[^/\s'\"<>@]*(?:@[^/\s'\"<>@]*)*@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL's ``user:password@`` removed, for messages and logs."""
+    return _URL_USERINFO.sub(r"\1", text) if "@" in text else text
+
+
 def redact_url(url: str) -> str:
     """The URL without any ``user:password@`` part, for messages and logs."""
-    return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]*@", r"\1", url)
+    return redact_text(url)
 
 
 def redacted(config: Any) -> dict[str, Any]:

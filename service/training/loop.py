@@ -26,6 +26,7 @@ import torch
 from service.config import TrainingJobConfig
 from service.runtime.engine import Engine
 from service.runtime.flops import dense_bf16_peak_flops
+from service.runtime.logs import install_redaction
 from service.runtime.optim import lr_at
 from service.runtime.worker import WorkerContext, all_reduce_sum
 from service.tracking import NullTracker, Tracker
@@ -47,7 +48,9 @@ def configure_worker_logging() -> None:
     """One handler for the ``convmae`` and ``service`` loggers in a Ray worker process.
 
     Every module logs under its own name (``logging.getLogger(__name__)``), so these two roots
-    cover the model package and the service."""
+    cover the model package and the service. Every record the process makes is redacted (a
+    library's warning may quote a URL with its password)."""
+    install_redaction()
     if not logging.getLogger("convmae").handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))

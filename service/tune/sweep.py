@@ -55,8 +55,10 @@ def _run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from service.runtime.credentials import adopt_credentials
+    from service.runtime.logs import install_redaction
     from service.training.pretrain import run_pretraining
 
+    install_redaction()
     # The sweep driver's settings and credentials, as run_pretraining hands them to its workers.
     os.environ.update(context["env"])
     adopt_credentials(context.get("credentials"))
@@ -152,10 +154,11 @@ def _run_sweep(cfg: TuneJobConfig, dims: list[Dimension], base: PretrainConfig, 
         resolve_precision,
         resolve_use_gpu,
     )
-    from service.runtime.credentials import share_credentials
+    from service.runtime.credentials import keep_credentials_out_of_tune, share_credentials
     from service.training.launch import absolute_url, storage_location
 
     connect_ray(cfg.dist.ray_address)
+    keep_credentials_out_of_tune()  # trials adopt the shared credentials below instead
     use_gpu = resolve_use_gpu(base)
     resolve_precision(base, use_gpu)
     import ray
