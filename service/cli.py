@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from service.config import (
     ConfigError,
     dump_yaml,
     flatten,
+    key_docs,
     load_config,
     parse_cli_overrides,
     redact_text,
@@ -36,8 +38,14 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def overrides_help(config_cls: type, aliases: Mapping[str, str] | None = None) -> str:
-    keys = flatten(config_cls())
-    lines = [f"  --{k} {v!r}" for k, v in keys.items()]
+    """Every config key with its default and what it does (from its comment in the source)."""
+    docs = key_docs(config_cls)
+    lines = []
+    for key, default in flatten(config_cls()).items():
+        lines.append(f"  --{key} {default!r}")
+        doc = docs.get(key) or next((d for k, d in docs.items() if key.startswith(k + ".")), "")
+        lines += textwrap.wrap(doc, 96, initial_indent="      ", subsequent_indent="      ",
+                               break_on_hyphens=False)
     text = "config keys (override any with --KEY VALUE; defaults shown):\n" + "\n".join(lines)
     if aliases:
         text += "\n\nshort forms:\n" + "\n".join(f"  --{a.replace('_', '-')} VALUE  =  --{k} VALUE"

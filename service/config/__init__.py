@@ -24,6 +24,7 @@ from service.config.schema import (
     dump_yaml,
     flatten,
     from_dict,
+    key_docs,
     load_config,
     parse_cli_overrides,
     redact_text,
@@ -53,7 +54,7 @@ __all__ = [
     "DECODE_MODES", "DEFAULT_MODEL", "PRECISIONS", "ZERO_STAGES", "CheckpointConfig", "ConfigError", "DataConfig",
     "DistributedConfig", "EvaluateConfig", "FinetuneConfig", "FinetuneTrainConfig", "MLflowConfig",
     "ModelConfig", "OptimConfig", "PrepareDataConfig", "PretrainConfig", "ReconstructConfig", "StorageConfig", "SweepConfig",
-    "TrainConfig", "TrainingJobConfig", "TuneJobConfig", "check", "dump_yaml", "flatten", "from_dict",
+    "TrainConfig", "TrainingJobConfig", "TuneJobConfig", "check", "dump_yaml", "flatten", "from_dict", "key_docs",
     "load_config", "parse_cli_overrides", "redact_text", "redact_url", "redacted", "set_dotted", "to_dict", "validate_finetune",
     "validate_model_source_keys", "validate_pretrain", "with_overrides",
 ]

@@ -38,7 +38,7 @@ RECONSTRUCT_SPLITS = ("val", "train")
 class TrainingJobConfig:
     """What every job that trains on Ray Train workers has."""
 
-    run_name: str = "convmae-run"
+    run_name: str = "convmae-run"  # the run's checkpoint folder and MLflow run name; the same name resumes it
     data: DataConfig = field(default_factory=DataConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
@@ -79,7 +79,7 @@ class FinetuneConfig(TrainingJobConfig):
     model_preset: str = ""  # preset of a config-less checkpoint; empty: inferred from its shapes
     img_size: int = 0  # 0: the pretrained model's (position embeddings are interpolated otherwise)
     num_classes: int = 0  # 0: the training data's number of classes
-    drop_path: float = 0.1
+    drop_path: float = 0.1  # stochastic depth rate of the fine-tuned encoder
     global_pool: bool = True  # classify the mean of the tokens (the paper's setting)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     mlflow: MLflowConfig = field(default_factory=lambda: MLflowConfig(
@@ -100,13 +100,13 @@ class EvaluateConfig:
     seed: int = 0  # initialisation seed of random: models (0 = the pretraining's default start)
     data: DataConfig = field(default_factory=DataConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    batch_size: int = 64
+    batch_size: int = 64  # images per forward pass
     knn_k: int = 20  # 0 turns k-NN off
-    knn_temperature: float = 0.07
+    knn_temperature: float = 0.07  # temperature of the k-NN's similarity-weighted vote
     train_samples: int = 20_000  # features drawn from the train split (k-NN bank, probe fit)
-    linear_probe: bool = True
-    probe_weight_decay: float = 1e-4
-    probe_max_iter: int = 500
+    linear_probe: bool = True  # also fit a linear classifier on the frozen features
+    probe_weight_decay: float = 1e-4  # L2 strength of the linear probe
+    probe_max_iter: int = 500  # iterations of the probe's solver
     mask_ratio: float = 0.75  # fixed ratio of the reconstruction loss
     tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else ./mlruns.db
     log_to_run: bool = True  # log the metrics on the model's MLflow run (models:/, runs:/)
@@ -135,8 +135,8 @@ class ReconstructConfig:
     model_preset: str = ""  # preset of a config-less checkpoint; empty: inferred from its shapes
     img_size: int = 0  # random: models only (0: the preset's)
     images: int = 8  # how many rows
-    out: str = "reconstructions.png"
-    mask_ratio: float = 0.75
+    out: str = "reconstructions.png"  # the PNG written
+    mask_ratio: float = 0.75  # fraction of tokens masked
     seed: int = 0  # the masks (and a random: model's weights)
     scale: int = 4  # nearest-neighbour upscaling of the whole grid (small images stay visible)
     split: str = "val"  # which split of the data set: val (data.val_url) or train (data.url)

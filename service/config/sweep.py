@@ -34,7 +34,7 @@ DEFAULT_SPACE = {"model.mask_ratio": "grid [0.5, 0.75]", "train.blr": "logunifor
 
 @dataclass(frozen=True)
 class SweepConfig:
-    name: str = "convmae-sweep"
+    name: str = "convmae-sweep"  # the sweep's folder under storage_path and its MLflow parent run; the same name resumes it
     # Dotted pretraining key -> "KIND [ARGS]": grid [v1, v2, ...], choice [v1, ...],
     # uniform [low, high], loguniform [low, high], randint [low, high] (inclusive).
     space: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SPACE))
@@ -44,11 +44,11 @@ class SweepConfig:
     objective: str = "auto"  # auto: val/knn_top1 on labeled data, else val/recon_loss
     scheduler: str = "asha"  # asha: stop bad trials early at epoch rungs; fifo: run every trial to the end
     grace_period: int = 1  # epochs every trial runs before ASHA may stop it
-    reduction_factor: int = 2
+    reduction_factor: int = 2  # ASHA keeps 1 in this many trials at each rung
     storage_path: str = "convmae_sweeps"  # local dir or s3://bucket/prefix
     resume: bool = True  # continue an interrupted sweep of the same name from its storage
     driver_cpus: float = 0.25  # CPU reserved for each trial's driver function
-    seed: int = 0
+    seed: int = 0  # seed of the searcher's draws: the same seed tries the same values
     alias: str = ""  # registry alias of the best model; empty: best-sweep-<name>
 
 
