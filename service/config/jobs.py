@@ -29,8 +29,23 @@ from service.config.sections import (
     TrainConfig,
 )
 
+# Parts of a data URL that name a split or layout rather than the data set.
+_GENERIC_DATA_PARTS = {"train", "training", "shards", "data", "images", "val", "validation"}
+
+
+def pretrained_model_name(model: ModelConfig, data_url: str) -> str:
+    """The registry name of a pretrained model that says what it holds: preset, image size and
+    data set (``convmae_tiny-96px-digits``; ``s3://bucket/imagenet/train`` gives ``imagenet``)."""
+    if not data_url:
+        data = "digits"  # the embedded data set
+    else:
+        parts = [p for p in data_url.split("://")[-1].split("/") if p and p.lower() not in _GENERIC_DATA_PARTS]
+        data = re.sub(r"[^A-Za-z0-9_.-]+", "-", parts[-1] if parts else "").strip("-.") or "data"
+    return f"{model.name}-{model.img_size}px-{data}"
+
+
 # What `python jobs/pretrain.py` registers by default, in the default local MLflow store.
-DEFAULT_MODEL = "models:/convmae/latest"
+DEFAULT_MODEL = f"models:/{pretrained_model_name(ModelConfig(), '')}/latest"
 RECONSTRUCT_SPLITS = ("val", "train")
 
 
@@ -67,6 +82,10 @@ class PretrainConfig(TrainingJobConfig):
     def validate(self) -> PretrainConfig:
         validate_pretrain(self)
         return self
+
+    def registered_name(self) -> str:
+        """``mlflow.registered_model_name``, or the name that says what the model holds."""
+        return self.mlflow.registered_model_name or pretrained_model_name(self.model, self.data.url)
 
 
 @dataclass(frozen=True)

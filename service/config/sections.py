@@ -154,7 +154,10 @@ class MLflowConfig:
     enabled: bool = True  # track the job in MLflow; false: no tracking and nothing registered
     tracking_uri: str = ""  # empty: sqlite:///mlruns.db in the working directory
     experiment: str = "convmae-pretrain"  # the MLflow experiment runs are logged under
-    registered_model_name: str = "convmae"  # the model registry name the trained model is registered as
+    # The model registry name the trained model is registered as; empty: named after what it
+    # holds, PRESET-SIZEpx-DATA (convmae_tiny-96px-digits for the zero-flag run), so that models
+    # of other presets, sizes or data sets never become versions of one another.
+    registered_model_name: str = ""
     register: bool = True  # register the final model in the MLflow model registry
     recon_every_epochs: int = 1  # log a reconstruction grid every this many epochs
     system_metrics: bool = True  # log CPU, GPU and memory use with the run

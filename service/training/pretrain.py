@@ -96,7 +96,7 @@ def register_checkpoint(cfg: PretrainConfig, checkpoint: Any, tracking_uri: str,
 
     return register_checkpoint_once(
         checkpoint, export, tracking_uri=tracking_uri, run_id=run_id,
-        registered_name=cfg.mlflow.registered_model_name,
+        registered_name=cfg.registered_name(),
         tags={"data": redact_url(train_url), **provenance(), "preset": cfg.model.name, "run_name": cfg.run_name},
         metadata={"preset": cfg.model.name},
     )

@@ -392,7 +392,7 @@ def _register_best(cfg: TuneJobConfig, base: PretrainConfig, best: TrialSummary,
         out = register_checkpoint(trial_cfg, checkpoint, tracking_uri, run_id, train_url)
         if out.get("version") is None:
             return None
-        name = cfg.mlflow.registered_model_name
+        name = trial_cfg.registered_name()
         client = MlflowClient(tracking_uri=tracking_uri)
         client.set_registered_model_alias(name, cfg.alias, out["version"])
         client.set_model_version_tag(name, out["version"], "sweep", cfg.sweep.name)

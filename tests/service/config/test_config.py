@@ -178,3 +178,32 @@ def test_malformed_yaml_names_the_file_and_the_line(tmp_path, text, where):
     path.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="cannot be read: 'utf-8' codec"):
         load_config(PretrainConfig, path)
+
+
+def test_a_pretrained_models_registered_name_says_what_it_holds():
+    from service.config.jobs import DEFAULT_MODEL
+
+    assert PretrainConfig().registered_name() == "convmae_tiny-96px-digits"
+    # The downstream jobs' default is what the zero-flag run registers, and nothing else.
+    assert DEFAULT_MODEL == "models:/convmae_tiny-96px-digits/latest"
+    own = with_overrides(PretrainConfig(), {"data.url": "s3://bucket/my cats/train", "model.img_size": 64})
+    assert own.registered_name() == "convmae_tiny-64px-my-cats"
+    named = with_overrides(PretrainConfig(), {"mlflow.registered_model_name": "mine"})
+    assert named.registered_name() == "mine"
+
+
+def test_shipped_configs_of_different_models_register_different_names():
+    from pathlib import Path
+
+    from service.config import TuneJobConfig
+
+    root = Path(__file__).resolve().parents[3] / "jobs" / "configs"
+    holds: dict[str, set[tuple]] = {}
+    configs = [load_config(TuneJobConfig, p).pretrain() for p in root.glob("sweep_*.yaml")]
+    configs += [load_config(PretrainConfig, p) for p in root.glob("*.yaml") if not p.name.startswith(("sweep_",
+                                                                                                      "finetune_"))]
+    configs.append(PretrainConfig())  # the zero-flag run
+    for cfg in configs:
+        holds.setdefault(cfg.registered_name(), set()).add((cfg.model.name, cfg.model.img_size, cfg.data.url))
+    assert len(configs) >= 5
+    assert all(len(models) == 1 for models in holds.values()), holds
