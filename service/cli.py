@@ -106,18 +106,23 @@ def run_job(
     aliases: Mapping[str, str] | None = None,
 ) -> int:
     """What every job does: parse and validate its config (exit 2 on a bad one), run, and print
-    the result; bad input found while running (a missing bucket, an unloadable model) also
-    exits 2 with one line naming it, instead of a traceback."""
+    the result; bad input found while running (a missing bucket, an unloadable model, a damaged
+    shard found by a Ray Train worker) also exits 2 with one line naming it, instead of a
+    traceback."""
     parser = build_parser(prog, description, config_cls, example, positionals=positionals, aliases=aliases)
     _, config = parse_config(parser, config_cls, argv, positionals=positionals, aliases=aliases)
     setup_logging()
-    from service.job_errors import USER_ERRORS
+    from service.job_errors import user_error_behind
 
     try:
         with sigterm_as_interrupt():
             result = run(config)
-    except USER_ERRORS as exc:
-        report_config_error(parser, exc)
+    except Exception as exc:
+        # Also when Ray wraps it: bad input found in a worker or a sweep's trial.
+        error = user_error_behind(exc)
+        if error is None:
+            raise
+        report_config_error(parser, error)
     from service.runtime.logs import redacted_stdout
 
     with redacted_stdout():

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from convmae.configs import LIMITS
 from service.config.schema import ConfigError, check
 from service.config.sections import (
     DECODE_MODES,
@@ -47,6 +48,9 @@ def pretrained_model_name(model: ModelConfig, data_url: str) -> str:
 # What `python jobs/pretrain.py` registers by default, in the default local MLflow store.
 DEFAULT_MODEL = f"models:/{pretrained_model_name(ModelConfig(), '')}/latest"
 RECONSTRUCT_SPLITS = ("val", "train")
+# The image sizes the model takes (convmae.configs.LIMITS): larger ones would allocate position
+# embeddings and attention no machine holds.
+IMG_SIZE_LIMITS = LIMITS["img_size"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,7 @@ class EvaluateConfig:
         check(self.train_samples >= 1, "train_samples", self.train_samples, ">= 1")
         check(self.probe_weight_decay >= 0, "probe_weight_decay", self.probe_weight_decay, ">= 0")
         check(self.probe_max_iter >= 1, "probe_max_iter", self.probe_max_iter, ">= 1")
+        check_seed("seed", self.seed)
         check(0.0 < self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "0 < mask_ratio < 1")
         check(self.data.loader_workers >= 0, "data.loader_workers", self.data.loader_workers, ">= 0")
         validate_max_pixels(self.data)
@@ -171,6 +176,7 @@ class ReconstructConfig:
         check(bool(self.out) and self.out.lower().endswith(".png"), "out", self.out, "a path ending in .png")
         check(0.0 < self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "0 < mask_ratio < 1")
         check(1 <= self.scale <= 32, "scale", self.scale, "1..32")
+        check_seed("seed", self.seed)
         check(self.split in RECONSTRUCT_SPLITS, "split", self.split, f"one of {', '.join(RECONSTRUCT_SPLITS)}")
         validate_max_pixels(self.data)
         validate_storage(self.storage)
@@ -235,8 +241,9 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     check(0.0 < t.eval_mask_ratio < 1.0, "train.eval_mask_ratio", t.eval_mask_ratio, "0 < ratio < 1")
     if m.name in PRESETS:
         patch = PRESETS[m.name]().patch_size
-        check(m.img_size >= patch and m.img_size % patch == 0, "model.img_size", m.img_size,
-              f"a positive multiple of {patch} (the patch size of {m.name})")
+        low, high = patch, IMG_SIZE_LIMITS[1] // patch * patch
+        check(low <= m.img_size <= high and m.img_size % patch == 0, "model.img_size", m.img_size,
+              f"a multiple of {patch} (the patch size of {m.name}) in {low}..{high}")
         # The encoder must see at least one patch: int(L * (1 - ratio)) >= 1.
         patches = (m.img_size // patch) ** 2
         for key, ratio in (("model.mask_ratio", m.mask_ratio), ("train.eval_mask_ratio", t.eval_mask_ratio)):
@@ -299,6 +306,7 @@ def validate_optimization(t: OptimConfig) -> None:
     check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
     check(t.val_every_epochs >= 1, "train.val_every_epochs", t.val_every_epochs, ">= 1")
     check(t.profile_steps >= 0, "train.profile_steps", t.profile_steps, ">= 0 (0: no trace)")
+    check_seed("train.seed", t.seed)
 
 
 def validate_run(cfg: TrainingJobConfig) -> None:
@@ -346,5 +354,17 @@ def validate_model_source_keys(cfg: Any) -> None:
     check(bool(cfg.model.strip()), "model", cfg.model, "a model URI, path, URL or random:PRESET[:IMG_SIZE]")
     check(not cfg.model_preset or cfg.model_preset in PRESETS, "model_preset", cfg.model_preset,
           f"empty or one of {', '.join(sorted(PRESETS))}")
-    check(cfg.img_size == 0 or (cfg.img_size >= 16 and cfg.img_size % 16 == 0), "img_size", cfg.img_size,
-          "0 (the model's own) or a positive multiple of 16")
+    high = IMG_SIZE_LIMITS[1] // 16 * 16
+    check(cfg.img_size == 0 or (16 <= cfg.img_size <= high and cfg.img_size % 16 == 0), "img_size", cfg.img_size,
+          f"0 (the model's own) or a multiple of 16 in 16..{high}")
+
+
+# torch.manual_seed takes 64-bit seeds; the largest signed one leaves room for the per-rank
+# offsets the workers add (fine-tuning seeds rank r with seed + 1 + r).
+MAX_TORCH_SEED = 2**63 - 1
+# numpy's RandomState (Tune's random and grid searchers, Optuna's TPE) takes 32-bit seeds.
+MAX_NUMPY_SEED = 2**32 - 1
+
+
+def check_seed(key: str, value: int, high: int = MAX_TORCH_SEED) -> None:
+    check(0 <= value <= high, key, value, f"a whole number in 0..{high} (2**{high.bit_length()} - 1)")

@@ -13,9 +13,11 @@ from typing import Any
 import yaml
 
 from service.config.jobs import (
+    MAX_NUMPY_SEED,
     SWEEP_NAME_MAX,
     PretrainConfig,
     check_path_component,
+    check_seed,
     validate_pretrain,
 )
 from service.config.schema import ConfigError, check, flatten, with_overrides
@@ -158,6 +160,7 @@ def validate_sweep(cfg: TuneJobConfig) -> None:
     check_sweep(s.reduction_factor >= 2, "reduction_factor", s.reduction_factor, ">= 2")
     check_sweep(s.driver_cpus >= 0, "driver_cpus", s.driver_cpus, ">= 0")
     check_sweep(bool(s.storage_path), "storage_path", s.storage_path, "a local path or URL")
+    check_seed("sweep.seed", s.seed, MAX_NUMPY_SEED)
     dims = parse_space(cfg)
     if s.searcher == "grid":
         continuous = [d.key for d in dims if d.kind not in ("grid", "choice")]

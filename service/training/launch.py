@@ -23,6 +23,7 @@ from service.config import (
     redacted,
     to_dict,
 )
+from service.job_errors import raise_user_error_behind
 from service.runtime.cluster import (
     connect_ray,
     resolve_precision,
@@ -31,7 +32,6 @@ from service.runtime.cluster import (
     worker_runtime_env,
 )
 from service.runtime.credentials import share_credentials
-from service.runtime.safe_checkpoint import reraise_checkpoint_error
 from service.tracking import Tracker, open_run, resolve_tracking_uri, warm_up
 from service.tracking.provenance import provenance
 from service.training.checkpoints import STATE_FILE, check_resumable
@@ -191,7 +191,9 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
     try:
         result = trainer.fit()
     except Exception as exc:
-        reraise_checkpoint_error(exc)  # a refused or damaged checkpoint: the job's bad input, one line
+        # Bad input a worker found (a damaged shard, a refused checkpoint) is the job's bad input,
+        # reported in one line, and the error the MLflow run fails with, not Ray's wrapper.
+        raise_user_error_behind(exc)
         raise
     if getattr(result, "error", None) is not None:
         # Ray Train V2 raises a failed run's error itself; a Result that only carries one
@@ -201,6 +203,22 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
 
 
 # ---------------------------------------------------------------- pieces
+
+
+def require_one_step(num_samples: int, cfg: TrainingJobConfig, train_url: str) -> None:
+    """Raises DataError, naming both numbers, unless the training data set holds one optimizer
+    step's global batch: workers drop an epoch's incomplete batches, so a smaller data set would
+    start the cluster only for every worker to fail on its first epoch."""
+    from service.data import DataError
+
+    t = cfg.train
+    if num_samples < cfg.effective_batch_size:
+        raise DataError(
+            f"data.url={redact_url(train_url)!r} has {num_samples} samples, fewer than one global batch of "
+            f"{cfg.effective_batch_size} (train.batch_size_per_worker={t.batch_size_per_worker} x "
+            f"dist.num_workers={cfg.dist.num_workers} x train.grad_accum_steps={t.grad_accum_steps}); "
+            "use a larger data set or a smaller batch"
+        )
 
 
 def require_writable(url: str, storage: StorageConfig, key: str) -> None:

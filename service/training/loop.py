@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from service.config import TrainingJobConfig
+from service.data import DataError
 from service.runtime.engine import Engine
 from service.runtime.flops import dense_bf16_peak_flops
 from service.runtime.logs import install_redaction
@@ -127,7 +128,7 @@ def plan_schedule(cfg: TrainingJobConfig, micro_batches_per_epoch: int) -> Sched
     t = cfg.train
     steps_per_epoch = micro_batches_per_epoch // t.grad_accum_steps
     if steps_per_epoch < 1:
-        raise ValueError(
+        raise DataError(
             f"the data set gives {micro_batches_per_epoch} batches of {t.batch_size_per_worker} per worker per "
             f"epoch, fewer than train.grad_accum_steps={t.grad_accum_steps}: lower the batch size or workers"
         )

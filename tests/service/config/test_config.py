@@ -55,6 +55,38 @@ def test_bad_values_fail_naming_the_value_and_what_is_allowed(key, value, fragme
     assert key.split(".")[-1] in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "cls, key, value, allowed",
+    [
+        # A worker would fail building a 100000-px model (exit 1, a traceback) after the cluster started.
+        (PretrainConfig, "model.img_size", 100000, "a multiple of 16 (the patch size of convmae_tiny) in 16..4096"),
+        ("FinetuneConfig", "img_size", 8192, "0 (the model's own) or a multiple of 16 in 16..4096"),
+        ("EvaluateConfig", "img_size", 4112, "0 (the model's own) or a multiple of 16 in 16..4096"),
+        # torch.manual_seed overflows past 64 bits, in the workers; numpy's RandomState past 32.
+        (PretrainConfig, "train.seed", 10**20, "a whole number in 0..9223372036854775807 (2**63 - 1)"),
+        (PretrainConfig, "train.seed", -1, "a whole number in 0..9223372036854775807 (2**63 - 1)"),
+        ("FinetuneConfig", "train.seed", 2**63, "a whole number in 0..9223372036854775807 (2**63 - 1)"),
+        ("EvaluateConfig", "seed", 10**20, "a whole number in 0..9223372036854775807 (2**63 - 1)"),
+        ("ReconstructConfig", "seed", -5, "a whole number in 0..9223372036854775807 (2**63 - 1)"),
+        ("TuneJobConfig", "sweep.seed", 2**32, "a whole number in 0..4294967295 (2**32 - 1)"),
+    ],
+)
+def test_sizes_and_seeds_out_of_what_the_model_and_rngs_take_fail_up_front(cls, key, value, allowed):
+    import service.config
+
+    cls = getattr(service.config, cls) if isinstance(cls, str) else cls
+    with pytest.raises(ConfigError) as err:
+        load_config(cls, None, {key: value})
+    assert str(err.value) == f"{key}={value!r} is not allowed: {allowed}"
+
+
+def test_the_largest_seeds_and_image_size_are_taken():
+    from service.config import TuneJobConfig
+
+    load_config(PretrainConfig, None, {"train.seed": 2**63 - 1, "model.img_size": 4096})
+    load_config(TuneJobConfig, None, {"sweep.seed": 2**32 - 1})
+
+
 def test_unknown_keys_and_bad_types_are_rejected():
     with pytest.raises(ConfigError, match="train.learning_rat"):
         load_config(PretrainConfig, None, {"train.learning_rat": 1})
