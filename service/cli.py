@@ -29,9 +29,10 @@ R = TypeVar("R")
 
 def setup_logging(level: int = logging.INFO) -> None:
     """The job's log format, quieter third-party loggers, and redaction of every message."""
-    from service.runtime.logs import install_redaction
+    from service.runtime.logs import install_redaction, quiet_known_noise
 
     install_redaction()
+    quiet_known_noise()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("urllib3", "botocore", "s3fs", "aiobotocore", "alembic", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

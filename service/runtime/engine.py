@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from service.config import TrainingJobConfig
+from service.runtime.logs import DEEPSPEED_PRINTS, dropping_printed_lines
 from service.runtime.optim import param_groups
 from service.runtime.safe_checkpoint import safe_load, verify_checkpoint, weights_only_loads
 from service.runtime.worker import world_size
@@ -140,11 +141,12 @@ class Engine:
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         if groups is None:
             groups = param_groups(model, cfg.train.weight_decay)
-        if "optimizer" in ds_config:
-            ds_engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-        else:
-            optimizer = fused_adamw(groups, lr=lr, betas=cfg.train.betas)
-            ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        with dropping_printed_lines(DEEPSPEED_PRINTS):
+            if "optimizer" in ds_config:
+                ds_engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+            else:
+                optimizer = fused_adamw(groups, lr=lr, betas=cfg.train.betas)
+                ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         return cls(ds_engine, ds_config)
 
     @property
@@ -354,7 +356,8 @@ def _fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if stage > 0:  # fp32 master weights are spread over the ranks' optimizer shards
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with weights_only_loads():  # zero_to_fp32 calls torch.load(weights_only=False)
+        # zero_to_fp32 calls torch.load(weights_only=False), and prints its progress.
+        with weights_only_loads(), dropping_printed_lines(DEEPSPEED_PRINTS):
             state = dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=ENGINE_STATE_DIR))
         # ZeRO-1 does not record frozen parameters (our fixed sin-cos position embeddings) in
         # its optimizer shards; below ZeRO-3 the module states hold them whole.

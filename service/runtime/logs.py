@@ -6,12 +6,31 @@ traceback. Redacting at each call site misses the next one, so redaction sits wh
 message is made instead: the process's log record factory (every logger, whatever its handlers)
 and its last-resort exception hooks. The job's one-line errors go through ``redact_text`` too
 (``service.cli``), and so does what a job prints as its result (``redacted_stdout``).
+
+Known third-party noise is silenced where it is made, so that a job's output holds our lines
+and real problems only. Each entry says why it is noise; a library's warnings and errors
+otherwise pass untouched:
+
+- Ray Train's INFO lines (resource requests, worker-group start, "Reporting training result"
+  and "Checkpoint successfully created" every checkpoint): Ray Train's own ``LoggingConfig``
+  at WARNING (``service.training.launch``); they stay in Ray's session log files.
+- Ray's "Token authentication is enabled for this Ray cluster" on every local start: the
+  cluster we start always has token auth (README, Security).
+- MLflow's "Creating initial MLflow database tables" / "Updating database tables" of a new
+  sqlite store, and its "Successfully registered model" / "Created version" (we log the
+  registered version ourselves).
+- DeepSpeed's "Setting accelerator to CPU" on machines without a GPU (``DS_ACCELERATOR`` is set
+  to cpu there instead of left to detection), "... built successfully" of its prebuilt CPU comm
+  op, and ``zero_to_fp32``'s four progress prints per exported checkpoint.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
+import os
+import re
 import sys
 import threading
 import traceback
@@ -23,6 +42,17 @@ from typing import Any, TextIO
 from service.config import redact_text
 
 _TRACEBACKS = logging.Formatter()
+
+# logger -> what part of its messages is noise (see the module docstring).
+_NOISY_MESSAGES: dict[str, tuple[str, ...]] = {
+    "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray",),
+    "mlflow.store.db.utils": ("Creating initial MLflow database tables", "Updating database tables"),
+}
+# What third-party calls print (not log) that is noise, dropped around those calls.
+DEEPSPEED_PRINTS = (r"^DeepSpeed .* built successfully$", r"^Processing zero checkpoint ",
+                    r"^Parsing checkpoint created by deepspeed", r"^Detected checkpoint of type zero stage",
+                    r"^Reconstructed (Frozen )?fp32 state dict with ")
+MLFLOW_REGISTRY_PRINTS = (r"^Successfully registered model ", r"^Created version '.*' of model ")
 
 
 def redact_record(record: logging.LogRecord) -> logging.LogRecord:
@@ -59,6 +89,44 @@ def install_redaction() -> None:
     threading.excepthook = _redacting_thread_excepthook
 
 
+def quiet_known_noise() -> None:
+    """Drops the known noise third-party loggers make (the module docstring lists it and why).
+    Idempotent."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():  # what DeepSpeed would detect, minus its warning
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    noisy = dict(_NOISY_MESSAGES)
+    # Ray Train names this logger by its file's path, outside the ``ray.train`` logger whose
+    # level its LoggingConfig sets.
+    reports = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if reports is not None and reports.origin:
+        noisy[reports.origin] = ("Reporting training result",)
+    for name, fragments in noisy.items():
+        _add_filter(logging.getLogger(name), _Dropping(fragments))
+    # In Ray Train workers ``print`` logs to the root logger (Ray's print patch).
+    _add_filter(logging.getLogger(), _Dropping(patterns=DEEPSPEED_PRINTS + MLFLOW_REGISTRY_PRINTS))
+
+
+def _add_filter(logger: logging.Logger, dropping: logging.Filter) -> None:
+    if not any(isinstance(f, _Dropping) for f in logger.filters):
+        logger.addFilter(dropping)
+
+
+class _Dropping(logging.Filter):
+    """Drops records whose message holds one of ``fragments`` or matches one of ``patterns``."""
+
+    def __init__(self, fragments: tuple[str, ...] = (), patterns: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.fragments = fragments
+        self.patterns = [re.compile(p) for p in patterns]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (any(f in message for f in self.fragments) or any(p.search(message) for p in self.patterns))
+
+
 def _redacting_excepthook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
     sys.stderr.write(redact_text("".join(traceback.format_exception(kind, value, tb))))
 
@@ -93,3 +161,39 @@ def redacted_stdout() -> Iterator[None]:
         yield
     finally:
         sys.stdout = target
+
+
+class _LineDroppingWriter(io.TextIOBase):
+    def __init__(self, target: TextIO, patterns: tuple[str, ...]) -> None:
+        self._target = target
+        self._patterns = [re.compile(p) for p in patterns]
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            if not any(p.search(line) for p in self._patterns):
+                self._target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending and not any(p.search(self._pending) for p in self._patterns):
+            self._target.write(self._pending)
+        self._pending = ""
+        self._target.flush()
+
+
+@contextmanager
+def dropping_printed_lines(patterns: tuple[str, ...], stream: str = "stdout") -> Iterator[None]:
+    """Lines the block prints to ``stream`` (stdout or stderr) that match one of ``patterns``
+    (regular expressions) are dropped: known noise a library prints instead of logging; every
+    other line passes."""
+    target = getattr(sys, stream)
+    writer = _LineDroppingWriter(target, patterns)
+    setattr(sys, stream, writer)
+    try:
+        yield
+    finally:
+        writer.flush()
+        setattr(sys, stream, target)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from service.runtime.engine import consolidated_state_dict
+from service.runtime.logs import MLFLOW_REGISTRY_PRINTS, dropping_printed_lines
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ def log_and_register(
         )
     version = None
     if registered_name:
-        mv = mlflow.register_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", registered_name, tags=tags or {})
+        with dropping_printed_lines(MLFLOW_REGISTRY_PRINTS, "stderr"):  # we log the version below
+            mv = mlflow.register_model(info.model_uri, registered_name, tags=tags or {})
         version = str(mv.version)
         log.info("registered %s version %s (models:/%s/%s)", registered_name, version, registered_name, version)
     return {"model_uri": info.model_uri, "version": version,

@@ -166,7 +166,7 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
                 launch: Launch, callbacks: list[Any] | None = None) -> Any:
     """Runs ``worker`` on ``cfg.dist.num_workers`` Ray Train workers; returns Ray's ``Result``
     (last reported metrics and checkpoint, kept ``checkpoint.keep_last`` deep)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     if cfg.checkpoint.resume:  # before any worker starts: a checkpoint this config cannot resume
@@ -184,6 +184,9 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
             callbacks=callbacks,
             worker_runtime_env=worker_runtime_env(),
+            # Ray Train's INFO lines (resource requests, each report and checkpoint) go to its
+            # session log files only; its warnings and errors still reach the job's output.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     log.info("launching %d %s worker(s); checkpoints under %s; MLflow %s run %s", cfg.dist.num_workers,

@@ -27,7 +27,7 @@ from service.config import TrainingJobConfig
 from service.data import DataError
 from service.runtime.engine import Engine
 from service.runtime.flops import dense_bf16_peak_flops
-from service.runtime.logs import install_redaction
+from service.runtime.logs import install_redaction, quiet_known_noise
 from service.runtime.optim import lr_at
 from service.runtime.worker import WorkerContext, all_reduce_sum
 from service.tracking import NullTracker, Tracker
@@ -52,6 +52,7 @@ def configure_worker_logging() -> None:
     cover the model package and the service. Every record the process makes is redacted (a
     library's warning may quote a URL with its password)."""
     install_redaction()
+    quiet_known_noise()
     if not logging.getLogger("convmae").handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))

@@ -55,10 +55,11 @@ def _run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from service.runtime.credentials import adopt_credentials
-    from service.runtime.logs import install_redaction
+    from service.runtime.logs import install_redaction, quiet_known_noise
     from service.training.pretrain import run_pretraining
 
     install_redaction()
+    quiet_known_noise()
     # The sweep driver's settings and credentials, as run_pretraining hands them to its workers.
     os.environ.update(context["env"])
     adopt_credentials(context.get("credentials"))

@@ -95,3 +95,34 @@ def test_what_a_job_prints_is_redacted(capsys):
     with redacted_stdout():
         print(f"model http://user:{PASSWORD}@h/x.pth: top-1 0.9")
     assert capsys.readouterr().out == "model http://h/x.pth: top-1 0.9\n"
+
+
+def test_known_printed_noise_is_dropped_and_every_other_line_passes(capsys):
+    from service.runtime.logs import DEEPSPEED_PRINTS, dropping_printed_lines
+
+    with dropping_printed_lines(DEEPSPEED_PRINTS):
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        print("Processing zero checkpoint '/x/ds'")
+        print("a real problem: shard 3 is missing")
+        print("Reconstructed fp32 state dict with 103 params 360320 elements")
+        print("no newline at the end", end="")
+    assert capsys.readouterr().out == "a real problem: shard 3 is missing\nno newline at the end"
+
+
+def test_known_logged_noise_is_dropped_at_its_logger_and_its_other_messages_pass():
+    code = """
+import io, logging
+from service.runtime.logs import quiet_known_noise
+quiet_known_noise()
+out = io.StringIO()
+logging.basicConfig(stream=out, level=logging.INFO, format="%(name)s %(message)s")
+db = logging.getLogger("mlflow.store.db.utils")
+db.info("Creating initial MLflow database tables...")
+db.warning("the store is read-only")
+logging.getLogger("ray._private.authentication.authentication_token_setup").warning(
+    "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+print(out.getvalue(), end="")
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "mlflow.store.db.utils the store is read-only\n"
