@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from service.data.scratch import scratch
 from service.runtime.engine import consolidated_state_dict
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def download_model_dir(uri: str, dest: str | Path | None = None, *, tracking_uri
     from service.tracking.mlflow_run import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(tracking_uri or "")
-    dest = Path(dest or tempfile.mkdtemp(prefix="convmae-model-"))
+    dest = Path(dest or tempfile.mkdtemp(prefix="convmae-download-"))  # the caller's to keep
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=_resolve_artifact_uri(uri, tracking_uri),
                                                      dst_path=str(dest), tracking_uri=tracking_uri,
                                                      registry_uri=tracking_uri))
@@ -184,7 +185,8 @@ def load_model(uri: str, *, tracking_uri: str | None = None):
     from convmae import load_pretrained
 
     if uri.startswith(("models:/", "runs:/")):
-        return load_pretrained(download_model_dir(uri, tracking_uri=tracking_uri))
+        with scratch("model") as tmp:  # the weights are in memory once loaded
+            return load_pretrained(download_model_dir(uri, tmp, tracking_uri=tracking_uri))
     return load_pretrained(uri)
 
 

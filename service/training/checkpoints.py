@@ -34,7 +34,6 @@ import functools
 import json
 import logging
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 
 from service.config import ConfigError, TrainingJobConfig
+from service.data.scratch import scratch_dir
 from service.data.storage import retrying
 from service.runtime.engine import Engine
 from service.runtime.safe_checkpoint import safe_load, write_manifest
@@ -94,7 +94,7 @@ class CheckpointWriter:
         from ray.train import CheckpointUploadMode
 
         self.wait()  # at most one upload in flight
-        root = Path(tempfile.mkdtemp(prefix="convmae-ckpt-"))
+        root = scratch_dir("ckpt")  # removed below, or by Ray Train once uploaded
         try:
             engine.save(root, {"train_state": asdict(state)})
             (root / "rng").mkdir(exist_ok=True)

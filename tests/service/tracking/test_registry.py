@@ -99,3 +99,16 @@ def test_load_model_in_a_fresh_process_honours_its_uri_and_writes_nothing_to_the
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == [w for u in uris for w in (u, "ConvMAE")]
     assert list(cwd.iterdir()) == []  # no mlflow.db, no mlruns
+
+
+def test_loading_a_registered_model_leaves_nothing_in_the_temp_directory(mlflow_server, run, tmp_path, monkeypatch):
+    """It left a convmae-model-* download behind at every call."""
+    import tempfile
+
+    _, run_id, name = run
+    out = register(mlflow_server, run_id, name, checkpoint_of(tmp_path / "ckpt"), exporter([]))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert isinstance(load_model(out["registered_uri"], tracking_uri=mlflow_server), convmae.ConvMAE)
+    assert list(temp.iterdir()) == []
