@@ -11,12 +11,14 @@ import shutil
 import time
 from pathlib import Path
 
+import pyarrow.fs
 import pytest
 from ray.train import UserCallback
 
 from service.config import with_overrides
 from service.runtime.safe_checkpoint import CheckpointError, write_manifest
 from service.training.pretrain import run_pretraining
+from service.training.resume import RunStorage, snapshot_problem
 from tests.service.runtime.test_safe_checkpoint import plant_payload
 from tests.service.training.content_checkpoints import rng_of_another_type
 from tests.service.training.test_pretrain_e2e import tiny_config
@@ -92,6 +94,8 @@ def finished_run(ray_cluster, digits_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("finished")
     run_pretraining(config(root, digits_dir))
     assert sorted(checkpoints_by_step(root / "runs" / RUN)) == [2, 4, 6, 8, 10]
+    # The snapshot Ray Train wrote passes the checks that set a damaged one aside.
+    assert snapshot_problem(RunStorage(pyarrow.fs.LocalFileSystem(), str(root / "runs" / RUN))) is None
     return root / "runs"
 
 
@@ -122,6 +126,7 @@ def test_resume_refuses_a_payload_and_skips_damage_in_the_newest_checkpoints(run
     finally:
         assert not marker.exists(), "the payload ran"
     assert steps == [8, 10, 12]
+    assert not list(run_dir.glob("checkpoint_manager_snapshot.json.corrupt-*"))  # Ray's own: kept
     refused = f"refusing to load checkpoint file {by_step[10]}/ds/mp_rank_00_model_states.pt: it needs posix.system"
     skipped = (f"skipping checkpoint {by_step[8]}: checkpoint {by_step[8]} is damaged or incomplete: "
                "ds/mp_rank_00_model_states.pt has")
