@@ -8,7 +8,6 @@ import torch.nn as nn
 from .configs import ConvMAEConfig
 from .patches import patchify, unpatchify
 
-
 STATS = ("target", "visible")
 
 

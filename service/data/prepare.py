@@ -13,7 +13,6 @@ import io
 import logging
 import posixpath
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -32,6 +31,7 @@ from service.data.manifest import (
     index_name,
     shard_name,
 )
+from service.data.scratch import scratch
 from service.data.shards import ShardWriter, sample_tar_bytes
 from service.data.sources import ImageSource, open_source, read_all
 from service.data.storage import (
@@ -136,7 +136,7 @@ def write_dataset(source: ImageSource, dest: str, *, shard_bytes: int = DEFAULT_
                  position, total)
     labeled = bool(source.class_names)
     started, written, resized = time.monotonic(), 0, 0
-    with tempfile.TemporaryDirectory(prefix="convmae-shard-") as tmp:
+    with scratch("shard") as tmp:
         writer: ShardWriter | None = None
         for image, data in read_all(source, position):
             if max_side is not None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from service.data.scratch import scratch
 from service.runtime.engine import consolidated_state_dict
 from service.runtime.logs import MLFLOW_REGISTRY_PRINTS, dropping_printed_lines
 
@@ -136,7 +137,7 @@ def download_model(uri: str, dest: str | Path | None = None, *, tracking_uri: st
     from service.tracking.mlflow_run import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(tracking_uri or "")
-    dest = Path(dest or tempfile.mkdtemp(prefix="convmae-model-"))
+    dest = Path(dest or tempfile.mkdtemp(prefix="convmae-download-"))  # the caller's to keep
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=_resolve_artifact_uri(uri, tracking_uri),
                                                     dst_path=str(dest), tracking_uri=tracking_uri,
                                                     registry_uri=tracking_uri))
@@ -167,9 +168,10 @@ def load_pyfunc(uri: str, *, tracking_uri: str | None = None) -> Any:
     """
     import mlflow.pyfunc
 
-    local = download_model(uri, tracking_uri=tracking_uri)
-    check_data_only(local, uri)
-    return mlflow.pyfunc.load_model(str(local))
+    with scratch("model") as tmp:  # the weights are in memory once loaded
+        local = download_model(uri, tmp, tracking_uri=tracking_uri)
+        check_data_only(local, uri)
+        return mlflow.pyfunc.load_model(str(local))
 
 
 UNSAFE_SUFFIXES = (".py", ".pyc", ".pkl", ".pickle", ".cloudpickle", ".joblib", ".pt", ".pth", ".so")
@@ -250,7 +252,8 @@ def load_model(uri: str, *, tracking_uri: str | None = None):
     from convmae import load_pretrained
 
     if uri.startswith(("models:/", "runs:/")):
-        return load_pretrained(download_model_dir(uri, tracking_uri=tracking_uri))
+        with scratch("model") as tmp:  # the weights are in memory once loaded
+            return load_pretrained(download_model_dir(uri, tmp, tracking_uri=tracking_uri))
     return load_pretrained(uri)
 
 

@@ -23,6 +23,7 @@ from service.config import (
     redacted,
     to_dict,
 )
+from service.data.scratch import sweep_stale_scratch
 from service.job_errors import raise_user_error_behind
 from service.runtime.cluster import (
     connect_ray,
@@ -36,7 +37,7 @@ from service.tracking import Tracker, open_run, resolve_tracking_uri, warm_up
 from service.tracking.provenance import provenance
 from service.training.checkpoints import STATE_FILE, check_resumable
 from service.training.lease import LEASE_FILES, RunLease
-from service.training.resume import newest_train_state
+from service.training.resume import RunStorage, newest_train_state, set_aside_unusable_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | 
 
     The caller releases the lease (``Launch.release``) when the run ends, whatever the outcome.
     """
+    sweep_stale_scratch()  # what killed jobs of this machine left in its temp directory
     # Storage first: an unreachable or read-only storage_path would otherwise surface only at
     # the first checkpoint, after the cluster started and a run was opened.
     require_writable(cfg.checkpoint.storage_path, cfg.storage, "checkpoint.storage_path")
@@ -169,8 +171,13 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    if cfg.checkpoint.resume:  # before any worker starts: a checkpoint this config cannot resume
-        check_resumable(newest_train_state(*_run_folder(launch, cfg), STATE_FILE), cfg, launch.storage_label)
+    if cfg.checkpoint.resume:  # before any worker starts
+        folder, fs = _run_folder(launch, cfg)
+        # Ray Train refuses to start on a snapshot it cannot read, and would hand the workers a
+        # checkpoint outside the run that one names: such a snapshot is set aside.
+        set_aside_unusable_snapshot(RunStorage(fs, folder))
+        # A checkpoint this config cannot resume: stop here, naming the flags.
+        check_resumable(newest_train_state(folder, fs, STATE_FILE), cfg, launch.storage_label)
 
     trainer = TorchTrainer(
         worker,

@@ -25,6 +25,7 @@ import torch
 
 from service.config import TrainingJobConfig
 from service.data import DataError
+from service.data.scratch import sweep_stale_scratch
 from service.runtime.engine import Engine
 from service.runtime.flops import dense_bf16_peak_flops
 from service.runtime.logs import install_redaction, quiet_known_noise
@@ -96,6 +97,8 @@ def start_session(model: torch.nn.Module, cfg: TrainingJobConfig, loop_config: M
     """The engine over ``model`` (optimizer ``groups``, default weight-decay groups), the train
     state of the checkpoint Ray Train hands this worker, and rank 0's tracker."""
     lr = loop_config["lr"]
+    if ctx.local_rank == 0:  # one per machine: checkpoints that killed workers left in its temp directory
+        sweep_stale_scratch()
     engine = Engine.build(model, cfg, use_gpu=loop_config["use_gpu"], precision=loop_config["precision"],
                           lr=lr, groups=groups, compile_model=loop_config.get("compile", False))
     state = checkpoints.restore(engine, ctx.rank) or TrainState()

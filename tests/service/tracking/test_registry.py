@@ -166,3 +166,16 @@ def test_code_planted_in_the_artifact_store_is_never_run_on_load(local_model, tm
         load_pyfunc(model_uri, tracking_uri=uri)
     assert "loader_module='intruder_loader'" in str(refused.value) and "code='code'" in str(refused.value)
     assert not marker.exists(), "the planted code ran"
+
+
+def test_loading_a_registered_model_leaves_nothing_in_the_temp_directory(mlflow_server, run, tmp_path, monkeypatch):
+    """It left a convmae-model-* download behind at every call."""
+    import tempfile
+
+    _, run_id, name = run
+    out = register(mlflow_server, run_id, name, checkpoint_of(tmp_path / "ckpt"), exporter([]))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert isinstance(load_model(out["registered_uri"], tracking_uri=mlflow_server), convmae.ConvMAE)
+    assert list(temp.iterdir()) == []
