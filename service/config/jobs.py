@@ -48,6 +48,7 @@ def pretrained_model_name(model: ModelConfig, data_url: str) -> str:
 # What `python jobs/pretrain.py` registers by default, in the default local MLflow store.
 DEFAULT_MODEL = f"models:/{pretrained_model_name(ModelConfig(), '')}/latest"
 RECONSTRUCT_SPLITS = ("val", "train")
+RECONSTRUCT_STATS = ("visible", "target")  # convmae.reconstruct's
 # The image sizes the model takes (convmae.configs.LIMITS): larger ones would allocate position
 # embeddings and attention no machine holds.
 IMG_SIZE_LIMITS = LIMITS["img_size"]
@@ -163,6 +164,10 @@ class ReconstructConfig:
     mask_ratio: float = 0.75  # fraction of tokens masked
     seed: int = 0  # the masks (and a random: model's weights)
     scale: int = 4  # nearest-neighbour upscaling of the whole grid (small images stay visible)
+    # How masked patches are drawn from a norm_pix_loss model's output: visible (with the
+    # statistics of the image's visible patches: only what the model made is shown) or target
+    # (with each masked patch's own, as MAE's demos: its brightness comes from the image).
+    stats: str = "visible"
     split: str = "val"  # which split of the data set: val (data.val_url) or train (data.url)
     inputs: str = ""  # comma-separated image files or URLs to use instead of the data set
     data: DataConfig = field(default_factory=DataConfig)
@@ -178,6 +183,7 @@ class ReconstructConfig:
         check(1 <= self.scale <= 32, "scale", self.scale, "1..32")
         check_seed("seed", self.seed)
         check(self.split in RECONSTRUCT_SPLITS, "split", self.split, f"one of {', '.join(RECONSTRUCT_SPLITS)}")
+        check(self.stats in RECONSTRUCT_STATS, "stats", self.stats, f"one of {', '.join(RECONSTRUCT_STATS)}")
         validate_max_pixels(self.data)
         validate_storage(self.storage)
         return self
