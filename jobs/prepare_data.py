@@ -9,6 +9,9 @@ SRC: an ImageNet-layout folder (class/xxx.JPEG: labeled), a flat folder (unlabel
 manifest.json, which is written last. Re-running with the same SRC and DEST resumes.
 --max-side N stores images whose shorter side exceeds N scaled down to N (re-encoded; the
 manifest records N and how many): less to read and decode per epoch.
+Untrusted input is bounded: unsafe member names, links out of SRC, images over
+--max_image_bytes (64MB), zip bombs, deep tar nesting and JPEGs cut short or of too many
+scans are skipped, warned about and counted in the manifest.
 Credentials come from the standard AWS_* environment variables and are never printed.
 """
 
@@ -30,11 +33,14 @@ ALIASES = {"endpoint_url": "storage.endpoint_url", "region": "storage.region", "
 def _prepare(config: PrepareDataConfig) -> dict:
     from service.data import storage_options
     from service.data.prepare import prepare_dataset
+    from service.data.sources import SourceLimits
 
+    limits = SourceLimits(max_image_bytes=config.image_bytes_limit,
+                          max_expansion_ratio=config.max_expansion_ratio, max_nesting=config.max_nesting)
     return prepare_dataset(config.src, config.dest, shard_bytes=config.shard_bytes,
                            storage_options=storage_options(config.storage),
                            samples_per_shard=config.samples_per_shard, shuffle_seed=config.shuffle_seed,
-                           overwrite=config.overwrite, max_side=config.max_side)
+                           overwrite=config.overwrite, max_side=config.max_side, limits=limits)
 
 
 def _report(manifest: dict, config: PrepareDataConfig) -> int:

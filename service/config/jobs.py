@@ -169,11 +169,21 @@ class PrepareDataConfig:
     # Store images at most this size: one whose shorter side exceeds it is scaled down (aspect
     # kept) to that shorter side and re-encoded in its format; null stores every image as is.
     max_side: int | None = None
+    # Untrusted sources: an image file or archive member larger than this is skipped and
+    # counted (64MB; an ImageNet JPEG is ~110KB), so is a zip member that would expand more
+    # than max_expansion_ratio times (a zip bomb), and a tar nested deeper than max_nesting.
+    max_image_bytes: str = "64MB"
+    max_expansion_ratio: float = 100.0
+    max_nesting: int = 8
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     @property
     def shard_bytes(self) -> int:
         return parse_size(self.shard_size)
+
+    @property
+    def image_bytes_limit(self) -> int:
+        return parse_size(self.max_image_bytes)
 
     def validate(self) -> PrepareDataConfig:
         check(bool(self.src), "src", self.src, "an image folder or archive (path or URL)")
@@ -186,6 +196,12 @@ class PrepareDataConfig:
               self.samples_per_shard, ">= 1 or null")
         check(self.max_side is None or self.max_side >= 16, "max_side", self.max_side,
               ">= 16 pixels (e.g. 512), or null to store images as they are")
+        try:
+            check(self.image_bytes_limit >= 1, "max_image_bytes", self.max_image_bytes, ">= 1 byte (e.g. 64MB)")
+        except ValueError as exc:
+            raise ConfigError(f"max_image_bytes={self.max_image_bytes!r} is not allowed: {exc}") from None
+        check(self.max_expansion_ratio >= 1, "max_expansion_ratio", self.max_expansion_ratio, ">= 1 (e.g. 100)")
+        check(self.max_nesting >= 0, "max_nesting", self.max_nesting, ">= 0 (0: no tar read inside a tar)")
         validate_storage(self.storage)
         return self
 
