@@ -159,6 +159,15 @@ class ReconstructConfig:
 
 
 @dataclass(frozen=True)
+class PrepareClusterConfig:
+    """The ``dist`` keys of data preparation: where its Ray cluster is."""
+
+    # None: join RAY_ADDRESS if set, else start a local cluster on 127.0.0.1; "local" forces
+    # the latter (as the training jobs' dist.ray_address). Used when workers is not 1.
+    ray_address: str | None = None
+
+
+@dataclass(frozen=True)
 class PrepareDataConfig:
     src: str = ""  # an image folder (class/xxx.jpg: labeled, or flat) or one archive, any fsspec URL
     dest: str = ""  # where the shards and manifest.json go (s3://bucket/prefix, a path...)
@@ -175,7 +184,18 @@ class PrepareDataConfig:
     max_image_bytes: str = "64MB"
     max_expansion_ratio: float = 100.0
     max_nesting: int = 8
+    # Processes that pack at once, as Ray tasks over ranges of the source: 1 packs in this
+    # process (no Ray); 0 or auto: one per CPU of the cluster (dist.ray_address). Resume with
+    # the same number: the ranges depend on it.
+    workers: str = "1"
     storage: StorageConfig = field(default_factory=StorageConfig)
+    dist: PrepareClusterConfig = field(default_factory=PrepareClusterConfig)
+
+    @property
+    def num_workers(self) -> int | None:
+        """``workers`` as a count; None: the cluster's CPUs."""
+        text = str(self.workers).strip().lower()
+        return None if text in ("auto", "0") else int(text)
 
     @property
     def shard_bytes(self) -> int:
@@ -202,6 +222,13 @@ class PrepareDataConfig:
             raise ConfigError(f"max_image_bytes={self.max_image_bytes!r} is not allowed: {exc}") from None
         check(self.max_expansion_ratio >= 1, "max_expansion_ratio", self.max_expansion_ratio, ">= 1 (e.g. 100)")
         check(self.max_nesting >= 0, "max_nesting", self.max_nesting, ">= 0 (0: no tar read inside a tar)")
+        allowed_workers = "a number of processes >= 1, or 0 / auto for the cluster's CPUs"
+        try:
+            check(self.num_workers is None or self.num_workers >= 1, "workers", self.workers, allowed_workers)
+        except ValueError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"workers={self.workers!r} is not allowed: {allowed_workers}") from None
         validate_storage(self.storage)
         return self
 

@@ -4,6 +4,11 @@ Each shard is built in a local temporary file, uploaded, and then recorded by it
 ``manifest.json`` is written only after every shard is in place. Re-running with the same
 source and destination keeps the shards whose index files match the source and continues
 after them; a complete destination is left alone.
+
+Split into ranges (``num_ranges``, written by other processes: ``service.runtime.preparation``),
+the source's write order is cut into consecutive ranges, each written as its own shards
+(``shard-RRRRR-NNNNNN.tar``) and resumed on its own the same way; the manifest lists them in
+range order and is written last by the caller's process.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ def prepare_dataset(src: str, dest: str, *, shard_bytes: int = DEFAULT_SHARD_BYT
     ``limits``: what one image may cost (``service.data.sources.SourceLimits``).
     ``num_ranges`` > 1 splits the images into that many consecutive ranges, each written as
     its own shards by ``run_ranges`` (several processes or machines; see
-    ``service.runtime.prepare``); a compressed tar is always one range. Returns the manifest
+    ``service.runtime.preparation``); a compressed tar is always one range. Returns the manifest
     as a dict.
 
     Symlinks in a local ``src`` that leave it are refused (see ``service.data.sources``). A
