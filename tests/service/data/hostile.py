@@ -71,15 +71,19 @@ def nested_tar(depth: int, inner_name: str = "deep.jpg") -> bytes:
     return blob
 
 
-def write_unchecked_dataset(dest: Path, items: list[tuple[str, str, bytes, int]], num_classes: int = 1) -> str:
-    """A one-shard data set of (key, ext, bytes, label) written as they are (no preparation,
+def write_unchecked_dataset(dest: Path, items: list[tuple[str, str, bytes, int]], num_classes: int = 1,
+                            samples_per_shard: int | None = None) -> str:
+    """A data set of (key, ext, bytes, label) written as they are, in order (no preparation,
     so none of its refusals): what an older preparation or another tool may have made."""
     dest.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(str(dest / shard_name(0)))
-    for key, ext, data, label in items:
-        writer.add(key, ext, data, label)
-    num_bytes, sha256 = writer.close()
-    manifest = Manifest(shards=(ShardInfo(shard_name(0), len(items), num_bytes, sha256),),
-                        num_classes=num_classes)
+    per_shard = samples_per_shard or len(items)
+    shards = []
+    for number, begin in enumerate(range(0, len(items), per_shard)):
+        writer = ShardWriter(str(dest / shard_name(number)))
+        for key, ext, data, label in items[begin:begin + per_shard]:
+            writer.add(key, ext, data, label)
+        num_bytes, sha256 = writer.close()
+        shards.append(ShardInfo(shard_name(number), writer.num_samples, num_bytes, sha256))
+    manifest = Manifest(shards=tuple(shards), num_classes=num_classes)
     (dest / MANIFEST_NAME).write_text(manifest.to_json())
     return str(dest)
