@@ -190,6 +190,15 @@ class ReconstructConfig:
 
 
 @dataclass(frozen=True)
+class PrepareClusterConfig:
+    """The ``dist`` keys of data preparation: where its Ray cluster is."""
+
+    # None: join RAY_ADDRESS if set, else start a local cluster on 127.0.0.1; "local" forces
+    # the latter (as the training jobs' dist.ray_address). Used when workers is not 1.
+    ray_address: str | None = None
+
+
+@dataclass(frozen=True)
 class PrepareDataConfig:
     src: str = ""  # an image folder (class/xxx.jpg: labeled, or flat) or one archive, any fsspec URL
     dest: str = ""  # where the shards and manifest.json go (s3://bucket/prefix, a path...)
@@ -200,11 +209,32 @@ class PrepareDataConfig:
     # Store images at most this size: one whose shorter side exceeds it is scaled down (aspect
     # kept) to that shorter side and re-encoded in its format; null stores every image as is.
     max_side: int | None = None
+    # Untrusted sources: an image file or archive member larger than this is skipped and
+    # counted (64MB; an ImageNet JPEG is ~110KB), so is a zip member that would expand more
+    # than max_expansion_ratio times (a zip bomb), and a tar nested deeper than max_nesting.
+    max_image_bytes: str = "64MB"
+    max_expansion_ratio: float = 100.0
+    max_nesting: int = 8
+    # Processes that pack at once, as Ray tasks over ranges of the source: 1 packs in this
+    # process (no Ray); 0 or auto: one per CPU of the cluster (dist.ray_address). Resume with
+    # the same number: the ranges depend on it.
+    workers: str = "1"
     storage: StorageConfig = field(default_factory=StorageConfig)
+    dist: PrepareClusterConfig = field(default_factory=PrepareClusterConfig)
+
+    @property
+    def num_workers(self) -> int | None:
+        """``workers`` as a count; None: the cluster's CPUs."""
+        text = str(self.workers).strip().lower()
+        return None if text in ("auto", "0") else int(text)
 
     @property
     def shard_bytes(self) -> int:
         return parse_size(self.shard_size)
+
+    @property
+    def image_bytes_limit(self) -> int:
+        return parse_size(self.max_image_bytes)
 
     def validate(self) -> PrepareDataConfig:
         check(bool(self.src), "src", self.src, "an image folder or archive (path or URL)")
@@ -217,6 +247,19 @@ class PrepareDataConfig:
               self.samples_per_shard, ">= 1 or null")
         check(self.max_side is None or self.max_side >= 16, "max_side", self.max_side,
               ">= 16 pixels (e.g. 512), or null to store images as they are")
+        try:
+            check(self.image_bytes_limit >= 1, "max_image_bytes", self.max_image_bytes, ">= 1 byte (e.g. 64MB)")
+        except ValueError as exc:
+            raise ConfigError(f"max_image_bytes={self.max_image_bytes!r} is not allowed: {exc}") from None
+        check(self.max_expansion_ratio >= 1, "max_expansion_ratio", self.max_expansion_ratio, ">= 1 (e.g. 100)")
+        check(self.max_nesting >= 0, "max_nesting", self.max_nesting, ">= 0 (0: no tar read inside a tar)")
+        allowed_workers = "a number of processes >= 1, or 0 / auto for the cluster's CPUs"
+        try:
+            check(self.num_workers is None or self.num_workers >= 1, "workers", self.workers, allowed_workers)
+        except ValueError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"workers={self.workers!r} is not allowed: {allowed_workers}") from None
         validate_storage(self.storage)
         return self
 

@@ -32,6 +32,11 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
+def range_shard_name(number: int, index: int) -> str:
+    """Shard ``index`` of range ``number`` of a preparation split into ranges."""
+    return f"shard-{number:05d}-{index:06d}.tar"
+
+
 def index_name(shard: str) -> str:
     """``shard-000003.tar`` -> ``shard-000003.index.json``."""
     return shard.removesuffix(".tar") + ".index.json"
