@@ -244,21 +244,24 @@ def run_epochs(
                 break
             if step_checkpoint_due(state.optimizer_step, cfg.checkpoint.every_steps,
                                    epoch_ended=state.micro_in_epoch >= micro_limit):
-                save({})
+                with meter.excluded():
+                    save({})
 
         finished_epoch, loader = state.epoch, None
         if epoch_finished:
             state.epoch, state.micro_in_epoch, state.loader_state = state.epoch + 1, 0, None
         done = state.optimizer_step >= total_steps or state.epoch >= t.epochs
         due = done or (epoch_finished and (finished_epoch + 1) % t.val_every_epochs == 0)
-        epoch_metrics: dict[str, Any] = {"epochs_completed": state.epoch}
-        epoch_metrics.update(epoch_end(EpochEnd(finished_epoch, epoch_finished, done, due)))
-        val = {k: v for k, v in epoch_metrics.items() if k.startswith("val/")}
-        if session.is_chief and val:
-            tracker.log_metrics(val, step=state.optimizer_step)
-            log.info("epoch %d validation: %s", finished_epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
-        state.extra[EPOCH_METRICS] = epoch_metrics  # reported again on resume (see start_session)
-        save(epoch_metrics)
+        with meter.excluded():  # train/images_per_s: training steps only
+            epoch_metrics: dict[str, Any] = {"epochs_completed": state.epoch}
+            epoch_metrics.update(epoch_end(EpochEnd(finished_epoch, epoch_finished, done, due)))
+            val = {k: v for k, v in epoch_metrics.items() if k.startswith("val/")}
+            if session.is_chief and val:
+                tracker.log_metrics(val, step=state.optimizer_step)
+                log.info("epoch %d validation: %s", finished_epoch + 1,
+                         ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
+            state.extra[EPOCH_METRICS] = epoch_metrics  # reported again on resume (see start_session)
+            save(epoch_metrics)
 
     profiler.finish()
     if last_saved_step != state.optimizer_step:

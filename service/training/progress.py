@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -15,15 +17,23 @@ def format_duration(seconds: float) -> str:
 
 @dataclass
 class ProgressMeter:
-    """Throughput over the last logging window; ETA from the run's own average pace."""
+    """Throughput over the last logging window's training steps; ETA from the run's own pace.
+
+    Time the loop spends on other work (validation, checkpoints) is ``excluded`` from the
+    window, so images/s says how fast training runs, not how often it pauses."""
 
     total_steps: int
     start_step: int = 0
-    _t0: float = field(default_factory=time.perf_counter)
-    _window_t: float = field(default_factory=time.perf_counter)
+    clock: Callable[[], float] = time.perf_counter
+    _t0: float = field(default=-1.0)
+    _window_t: float = field(default=-1.0)
     _window_images: int = 0
     _window_steps: int = 0
     _window_wait: float = 0.0
+    _window_excluded: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._t0 = self._window_t = self.clock()
 
     def update(self, images: int, steps: int = 1) -> None:
         self._window_images += images
@@ -33,10 +43,19 @@ class ProgressMeter:
         """Time the loop spent waiting for the loader's next batch."""
         self._window_wait += seconds
 
+    @contextmanager
+    def excluded(self) -> Iterator[None]:
+        """The block's time does not count in the window's throughput."""
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self._window_excluded += self.clock() - start
+
     def flush(self, step: int) -> dict[str, float]:
         """Figures for the window since the last flush; resets the window."""
-        now = time.perf_counter()
-        elapsed = max(now - self._window_t, 1e-9)
+        now = self.clock()
+        elapsed = max(now - self._window_t - self._window_excluded, 1e-9)
         done = max(step - self.start_step, 1)
         pace = (now - self._t0) / done
         figures = {
@@ -45,7 +64,8 @@ class ProgressMeter:
             "eta_s": pace * max(self.total_steps - step, 0),
             "data_wait_frac": min(1.0, self._window_wait / elapsed),
         }
-        self._window_t, self._window_images, self._window_steps, self._window_wait = now, 0, 0, 0.0
+        self._window_t, self._window_images, self._window_steps = now, 0, 0
+        self._window_wait = self._window_excluded = 0.0
         return figures
 
     def line(self, *, epoch: int, epochs: int, step: int, loss: float, lr: float, figures: dict[str, float]) -> str:

@@ -27,6 +27,21 @@ def test_progress_line_has_epoch_step_loss_throughput_and_eta():
     assert format_duration(3725) == "1:02:05"
 
 
+def test_throughput_counts_training_time_only():
+    now = [100.0]
+    meter = ProgressMeter(total_steps=100, clock=lambda: now[0])
+    meter.update(images=640, steps=10)
+    now[0] += 2.0  # ten training steps
+    with meter.excluded():
+        now[0] += 8.0  # validation and a checkpoint
+    figures = meter.flush(step=10)
+    assert figures["images_per_s"] == pytest.approx(320.0) and figures["step_time_s"] == pytest.approx(0.2)
+    assert figures["eta_s"] == pytest.approx(90.0)  # the run's pace, pauses included: 1 s a step
+    meter.update(images=64, steps=1)
+    now[0] += 0.5  # the next window holds none of the excluded time
+    assert meter.flush(step=11)["images_per_s"] == pytest.approx(128.0)
+
+
 def test_step_cadence_leaves_an_epochs_last_step_to_the_epoch_end_checkpoint():
     # 50 steps per epoch, every 25 steps: 25 mid-epoch, 50 by the epoch end only, 75 mid-epoch.
     due = [s for s in range(1, 101) if step_checkpoint_due(s, 25, epoch_ended=s % 50 == 0)]
