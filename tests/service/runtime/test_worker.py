@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import torch
 
@@ -16,6 +15,7 @@ from service.runtime.worker import (
     worker_context,
     world_size,
 )
+from tests.fixtures.mlflow_server import free_port
 
 
 def test_outside_ray_train_a_worker_is_the_only_one_on_the_cpu():
@@ -55,10 +55,7 @@ def _collectives(rank: int, port: int, out: str) -> None:
 def test_over_two_gloo_workers_the_collectives_combine_every_workers_values(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_collectives, args=(port, str(tmp_path)), nprocs=2)
+    mp.spawn(_collectives, args=(free_port(), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, result in enumerate(results):
         assert result["sum"] == [3.0, 30.0]  # 1x + 2x the values

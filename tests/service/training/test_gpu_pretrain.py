@@ -5,14 +5,13 @@ Skipped where there is no GPU; CI runs the CPU path (fp32, gloo) in test_pretrai
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
 from service.config import PretrainConfig, with_overrides
 from service.tracking.registry import load_model
 from service.training.pretrain import run_pretraining
+from tests.fixtures.mlflow_server import free_port
 
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -38,10 +37,7 @@ def test_the_gpu_engine_holds_bf16_weights_over_nccl_with_deepspeeds_fused_adam(
     from service.runtime.cluster import resolve_precision
     from service.runtime.engine import Engine
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
                        "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
     cfg = gpu_config(tmp_path).validate()

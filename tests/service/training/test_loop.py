@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from dataclasses import asdict
 from typing import Any
 
@@ -23,15 +22,10 @@ from service.runtime.engine import Engine
 from service.runtime.worker import WorkerContext
 from service.tracking import NullTracker
 from service.training.checkpoints import TrainState
+from tests.fixtures.mlflow_server import free_port
 
 BASE_LR = 0.1
 CPU = torch.device("cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
