@@ -181,7 +181,7 @@ class RunLease:
                 assert holder is not None
                 raise RunLeaseError(
                     f"{self.what}={self.run_name!r} is in use by another run ({holder.describe()}, renewed "
-                    f"{time.time() - holder.renewed_at:.0f} s ago); wait for it to end or choose another "
+                    f"{max(0.0, time.time() - holder.renewed_at):.0f} s ago); wait for it to end or choose another "
                     f"{self.what}. If that run is gone, its lease {self.label} is taken over once not renewed "
                     f"for {holder.timeout_s:.0f} s, or delete that file"
                 )
