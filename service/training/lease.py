@@ -11,6 +11,10 @@ it starts Ray until it ends, successful or not:
 - a lease whose holder is dead is taken over with a warning: its process is gone (same
   machine), or it was not renewed for ``timeout_s`` (any machine; renewal times are the
   holder's clock, so machines' clocks must agree to well within ``timeout_s``);
+- a lease file is untrusted input: one with a malformed field (a string pid, a NaN or infinite
+  time or timeout, a time further ahead of this clock than ``CLOCK_SKEW_S``) proves no holder
+  alive and is taken over with a warning naming the file and the field; a folder where the file
+  goes is refused (``ConfigError``);
 - every change is a compare-and-swap, so two drivers racing for a stale lease cannot both win:
   S3 conditional writes (``If-None-Match`` / ``If-Match`` on the object's ETag) on object
   storage; an exclusive ``flock`` around read-check-write on a local (or NFS) folder. Other
@@ -24,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -44,10 +49,21 @@ LOCK_FILE = ".convmae-lease.lock"  # local folders only: serialises read-check-w
 # Files of the lease itself, which do not make a folder a run with checkpoints.
 LEASE_FILES = frozenset({LEASE_FILE, LOCK_FILE})
 DEFAULT_TIMEOUT_S = 300.0
+# How far ahead of this machine's clock another machine's lease times may be before they are
+# taken for garbage: a lease "renewed" years ahead would otherwise never expire.
+CLOCK_SKEW_S = 60.0
 
 
 class RunLeaseError(ConfigError):
     """Another live run holds the lease of this run."""
+
+
+class MalformedLeaseError(ValueError):
+    """A lease file that is no JSON object of ``Holder``'s fields of the right types."""
+
+
+_TEXT_FIELDS = ("run_name", "host", "machine", "token")
+_TIME_FIELDS = ("pid_started", "started_at", "renewed_at")
 
 
 @dataclass(frozen=True)
@@ -73,11 +89,35 @@ class Holder:
 
     @staticmethod
     def from_bytes(data: bytes) -> Holder:
-        raw = json.loads(data)
+        """The holder a lease file names; ``MalformedLeaseError`` naming the first bad field."""
+        try:
+            raw = json.loads(data)
+        except ValueError as exc:  # also bytes that are no UTF-8
+            raise MalformedLeaseError(f"it is not JSON ({type(exc).__name__})") from None
+        if not isinstance(raw, dict):
+            raise MalformedLeaseError(f"it holds a JSON {type(raw).__name__}, not an object")
+        for name in Holder.__dataclass_fields__:
+            if name not in raw:
+                raise MalformedLeaseError(f"field {name!r} is missing")
+            value = raw[name]
+            if name in _TEXT_FIELDS:
+                ok, allowed = isinstance(value, str) and value.isprintable(), "a one-line string"
+            elif name == "pid":
+                ok, allowed = type(value) is int and value > 0, "a positive integer"
+            else:  # times and the timeout: NaN or infinity would make the lease never expire
+                ok = type(value) in (int, float) and math.isfinite(value) and (name != "timeout_s" or value > 0)
+                allowed = "a positive number of seconds" if name == "timeout_s" else "a unix time"
+            if not ok:
+                raise MalformedLeaseError(f"field {name!r} is {value!r}; expected {allowed}")
         return Holder(**{k: raw[k] for k in Holder.__dataclass_fields__})
 
     def stale_because(self, now: float) -> str | None:
         """Why this holder is dead (None: it may be alive)."""
+        for name in _TIME_FIELDS:
+            ahead = getattr(self, name) - now
+            if ahead > CLOCK_SKEW_S:  # not clock skew: garbage, or a lease that would never expire
+                return (f"field {name!r} of the lease file is {ahead:.0f} s ahead of this machine's clock "
+                        f"(allowed: {CLOCK_SKEW_S:.0f} s of clock skew)")
         if self.machine == this_machine() and not _process_alive(self.pid, self.pid_started):
             return f"its process {self.pid} on {self.host} is gone"
         age = now - self.renewed_at
@@ -117,30 +157,38 @@ class RunLease:
                     pid_started=_process_start(os.getpid()), started_at=now, renewed_at=now,
                     timeout_s=self.timeout_s, token=uuid.uuid4().hex)
         for _ in range(5):  # each round loses only to another driver that changed the lease meanwhile
-            version = self._store.create(me.to_bytes())
+            try:
+                version = self._store.create(me.to_bytes())
+                found = None if version is not None else self._store.read()
+            except IsADirectoryError:
+                raise ConfigError(f"{self.label} is a folder, not a lease file: it is where the lease of "
+                                  f"{self.what}={self.run_name!r} goes; move that folder away") from None
             if version is not None:
                 break
-            found = self._store.read()
             if found is None:
                 continue  # released in between: create again
             data, found_version = found
+            holder: Holder | None
             try:
-                holder: Holder | None = Holder.from_bytes(data)
-            except (ValueError, KeyError, TypeError):
-                holder = None  # unreadable: a crash mid-write of a store without atomic writes
-            reason = "the lease file is unreadable" if holder is None else holder.stale_because(time.time())
+                holder, reason = Holder.from_bytes(data), None
+            except MalformedLeaseError as exc:
+                # A crash mid-write of a store without atomic writes, or not our file: it proves
+                # no holder alive.
+                holder, reason = None, f"the lease file is malformed: {exc}"
+            if holder is not None:
+                reason = holder.stale_because(time.time())
             if reason is None:
                 assert holder is not None
                 raise RunLeaseError(
                     f"{self.what}={self.run_name!r} is in use by another run ({holder.describe()}, renewed "
-                    f"{time.time() - holder.renewed_at:.0f} s ago); wait for it to end or choose another "
+                    f"{max(0.0, time.time() - holder.renewed_at):.0f} s ago); wait for it to end or choose another "
                     f"{self.what}. If that run is gone, its lease {self.label} is taken over once not renewed "
                     f"for {holder.timeout_s:.0f} s, or delete that file"
                 )
             version = self._store.replace(me.to_bytes(), found_version)
             if version is not None:
-                log.warning("%s=%r: taking over the lease of a dead run (%s): %s", self.what, self.run_name,
-                            holder.describe() if holder else "unknown holder", reason)
+                log.warning("%s=%r: taking over the lease of a dead run (%s): %s; lease file %s", self.what,
+                            self.run_name, holder.describe() if holder else "unknown holder", reason, self.label)
                 break
         else:
             raise RunLeaseError(f"{self.what}={self.run_name!r}: could not take the lease {self.label}: "

@@ -168,8 +168,16 @@ def test_non_official_state_dict_is_rejected(tiny_model):
 
 
 def test_ddp_prefix_is_stripped(tiny_model):
-    exported = {f"module.{k}": v for k, v in convmae.export_official_state_dict(tiny_model()).items()}
-    convmae.load_official_checkpoint({"model": exported}, convmae.build_model("convmae_tiny"))
+    source = tiny_model()
+    exported = {f"module.{k}": v for k, v in convmae.export_official_state_dict(source).items()}
+    torch.manual_seed(1)
+    target = convmae.build_model("convmae_tiny")
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    loaded = convmae.load_official_checkpoint({"model": exported}, target).state_dict()
+    expected = source.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)  # every weight came from the checkpoint
+    assert not all(torch.equal(before[k], expected[k]) for k in expected)  # and the two starts differed
 
 
 def test_official_checkpoint_into_backbone(tiny_model, tmp_path):

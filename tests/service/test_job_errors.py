@@ -1,5 +1,6 @@
-"""Bad input found in Ray Train workers or Tune trials is found again behind Ray's wrappers,
-after the trip through pickle that brings it to the driver."""
+"""Which exceptions a job reports as bad input (exit 2, one line) and which stay crashes, also
+when Ray Train workers or Tune trials found them: found again behind Ray's wrappers, after the
+trip through pickle that brings them to the driver."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from ray.exceptions import RayTaskError
 from ray.train import ControllerError, TrainingFailedError, WorkerGroupError
 
 from convmae import CheckpointMismatchError
-from service.config import ConfigError
+from service.cli import run_job
+from service.config import ConfigError, PretrainConfig
 from service.data import DataError
 from service.job_errors import USER_ERRORS, user_error_behind
+from service.models.source import ModelSourceError
 from service.runtime.safe_checkpoint import CheckpointError
+from service.training.lease import RunLeaseError
 
 
 def across_processes(error: BaseException) -> BaseException:
@@ -62,3 +66,39 @@ def test_crashes_stay_crashes():
     crash = across_processes(WorkerGroupError("boom", {0: ZeroDivisionError("x"), 1: MemoryError()}))
     assert user_error_behind(crash) is None
     assert not isinstance(crash, USER_ERRORS)
+
+
+# ---------------------------------------------------------------- what run_job makes of them
+
+
+def job_raising(exc: Exception, capsys: pytest.CaptureFixture) -> tuple[int | None, str]:
+    """Runs a job whose run raises ``exc``: its exit status and what it printed to stderr."""
+
+    def run(cfg: PretrainConfig) -> None:
+        raise exc
+
+    with pytest.raises(SystemExit) as exit_:
+        run_job("job.py", "a job", PretrainConfig, "job.py", run, lambda result, cfg: 0, [])
+    return exit_.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [
+    ConfigError("train.blr=-1: expected > 0"),
+    DataError("s3://bucket/data: bucket 'bucket' does not exist"),
+    ModelSourceError("--model 'models:/x/9': no such version"),
+    CheckpointMismatchError("official checkpoint does not match this ConvMAE"),
+    CheckpointError("ckpt/ds/model.pt: not in the manifest"),
+    RunLeaseError("run_name='tiny' is in use by another run"),  # a ConfigError: caught as one
+], ids=lambda e: type(e).__name__)
+def test_bad_input_found_while_running_exits_2_with_one_line(error, capsys):
+    code, err = job_raising(error, capsys)
+    assert code == 2
+    assert err == f"job.py: error: {error}\n"
+
+
+@pytest.mark.parametrize("crash", [RuntimeError("NCCL timeout"), ValueError("a bug"), KeyError("step"),
+                                   FileNotFoundError("/tmp/x")], ids=lambda e: type(e).__name__)
+def test_a_crash_is_not_taken_for_bad_input(crash, capsys):
+    assert not isinstance(crash, USER_ERRORS)
+    with pytest.raises(type(crash)):
+        job_raising(crash, capsys)

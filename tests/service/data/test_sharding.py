@@ -46,17 +46,26 @@ def test_train_streams_split_a_rank_into_contiguous_blocks_of_batches():
 
 
 def test_delivery_slots_cover_every_batch_once_in_round_robin_order():
-    plan = train_plans(1, 4, 3)[0]
-    slots = sorted(plan.slot(s, k) for s in range(3) for k in range(len(plan.stream_batches(s))))
-    assert slots == list(range(plan.num_batches))
+    plan = train_plans(1, 4, 3)[0]  # 91 samples: 22 batches of 4; streams of 8, 7 and 7 batches
+    assert [len(plan.stream_batches(s)) for s in range(3)] == [8, 7, 7]
+    by_slot = {plan.slot(s, k): (s, k) for s in range(3) for k in range(len(plan.stream_batches(s)))}
+    assert sorted(by_slot) == list(range(22))
+    # (stream, its k-th batch) in delivery order: one batch of each stream in turn.
+    assert [by_slot[slot] for slot in range(22)] == [
+        (0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1), (0, 2), (1, 2), (2, 2), (0, 3), (1, 3),
+        (2, 3), (0, 4), (1, 4), (2, 4), (0, 5), (1, 5), (2, 5), (0, 6), (1, 6), (2, 6), (0, 7),
+    ]
 
 
-@pytest.mark.parametrize("first_slot", [0, 1, 2, 5, 7])
+# Batches of streams 0, 1 and 2 delivered before a slot, counted on the order above.
+BEFORE_SLOT = {0: (0, 0, 0), 1: (1, 0, 0), 2: (1, 1, 0), 3: (1, 1, 1), 5: (2, 2, 1), 7: (3, 2, 2),
+               21: (7, 7, 7), 22: (8, 7, 7)}
+
+
+@pytest.mark.parametrize("first_slot", sorted(BEFORE_SLOT))
 def test_first_batch_counts_the_stream_batches_delivered_before_a_slot(first_slot):
     plan = train_plans(1, 4, 3)[0]
-    for s in range(3):
-        before = [k for k in range(len(plan.stream_batches(s))) if plan.slot(s, k) < first_slot]
-        assert plan.first_batch(s, first_slot) == len(before)
+    assert tuple(plan.first_batch(s, first_slot) for s in range(3)) == BEFORE_SLOT[first_slot]
 
 
 def test_epochs_reorder_shards_and_drop_different_samples():

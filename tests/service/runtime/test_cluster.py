@@ -118,3 +118,18 @@ def test_a_local_run_does_not_join_another_cluster_running_on_the_machine(ray_tm
         for proc in alive:
             proc.kill()
         other.wait(timeout=30)
+
+
+def test_gpu_settings_a_cpu_cluster_cannot_honour_are_refused_naming_the_key(ray_cluster):
+    from service.config import ConfigError, PretrainConfig, with_overrides
+    from service.runtime.cluster import cluster_has_gpus, resolve_use_gpu
+
+    assert not cluster_has_gpus()  # the test cluster: CPUs only
+    with pytest.raises(ConfigError, match=r"^dist.use_gpu=true but the Ray cluster has no GPUs; set dist.use_gpu=false$"):
+        resolve_use_gpu(with_overrides(PretrainConfig(), {"dist.use_gpu": True}))
+    for use_gpu in (False, None):  # said, or found out from the cluster
+        cfg = with_overrides(PretrainConfig(), {"dist.use_gpu": use_gpu, "dist.offload_optimizer": True})
+        with pytest.raises(ConfigError, match=r"^dist.offload_optimizer=true needs GPU workers .* set "
+                                              r"dist.offload_optimizer=false for CPU training$"):
+            resolve_use_gpu(cfg)
+        assert resolve_use_gpu(with_overrides(cfg, {"dist.offload_optimizer": False})) is False

@@ -26,6 +26,16 @@ def run(mlflow_server):
     return client, run_id, f"reg-{uuid.uuid4().hex[:8]}"
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """One hash of every tensor of ``model``, in key order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode() + value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def checkpoint_of(folder):
     from ray.train import Checkpoint
 
@@ -91,13 +101,17 @@ def test_load_model_in_a_fresh_process_honours_its_uri_and_writes_nothing_to_the
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from service.tracking.registry import load_model\n"
+            "from tests.service.tracking.test_registry import weights_digest\n"
             "for model_uri in sys.argv[3:]:\n"
-            "    print(model_uri, type(load_model(model_uri, tracking_uri=sys.argv[2])).__name__)\n")
+            "    model = load_model(model_uri, tracking_uri=sys.argv[2])\n"
+            "    print(model_uri, type(model).__name__, model.config.img_size, weights_digest(model))\n")
     uris = [f"models:/{name}/1", f"models:/{name}@champion", f"models:/{name}/latest", f"runs:/{run_id}/model"]
     out = subprocess.run([sys.executable, "-c", code, str(REPO), uri, *uris], cwd=cwd, env=env_without_mlflow_uris(),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == [w for u in uris for w in (u, "ConvMAE")]
+    # Each URI loads the very weights that were registered (register_tiny_model saved them here).
+    registered = weights_digest(convmae.load_pretrained(tmp_path / "convmae"))
+    assert out.stdout.split() == [w for u in uris for w in (u, "ConvMAE", "32", registered)]
     assert list(cwd.iterdir()) == []  # no mlflow.db, no mlruns
 
 

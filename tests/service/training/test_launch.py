@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pickle
 import socket
-import time
 from pathlib import Path
 
 import boto3
@@ -61,14 +60,29 @@ def test_a_missing_bucket_is_named_and_never_created(s3_server):
     assert "no-such-bucket-4f1c" not in {b["Name"] for b in buckets}
 
 
-def test_an_unreachable_endpoint_fails_in_seconds_naming_the_url(s3_server):
+def test_an_unreachable_endpoint_fails_with_the_probes_short_timeouts_naming_the_url(s3_server, monkeypatch):
+    import copy
+
+    import service.data.storage as storage_mod
+
+    clients: list[dict] = []  # the botocore settings of each filesystem the check opened (botocore edits them)
+    opened = storage_mod.filesystem
+
+    def recording(url: str, options: dict | None = None):
+        clients.append(copy.deepcopy((options or {}).get("config_kwargs")))
+        return opened(url, options)
+
+    monkeypatch.setattr(storage_mod, "filesystem", recording)
     port = _closed_port()
-    started = time.monotonic()
     with pytest.raises(DataError, match=r"^checkpoint.storage_path='s3://bucket/runs': cannot be reached "
                                         rf"\(EndpointConnectionError: .*127.0.0.1:{port}/bucket/runs/"):
         require_writable("s3://bucket/runs", StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", max_retries=5),
                          "checkpoint.storage_path")
-    assert time.monotonic() - started < 20  # short timeouts and one retry, not the run's max_retries
+    # Short timeouts and one retry, not the run's max_retries=5 (6 attempts of up to 60 s each).
+    assert clients == [{"retries": {"max_attempts": storage_mod.PROBE_ATTEMPTS, "mode": "standard"},
+                        "connect_timeout": storage_mod.PROBE_CONNECT_TIMEOUT_S,
+                        "read_timeout": storage_mod.PROBE_READ_TIMEOUT_S}]
+    assert storage_mod.PROBE_ATTEMPTS < 5 + 1
 
 
 def test_a_writable_location_passes_and_keeps_no_trace(s3_bucket, s3_server, tmp_path):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
+import re
 import socket
 import subprocess
 import sys
@@ -31,9 +34,10 @@ def lease_file(runs: str, run_name: str) -> str:
 def read_holder(runs: str, run_name: str) -> Holder | None:
     import fsspec
 
-    try:
-        with fsspec.open(lease_file(runs, run_name), "rb") as f:
-            return Holder.from_bytes(f.read())
+    fs, path = fsspec.core.url_to_fs(lease_file(runs, run_name))
+    fs.invalidate_cache()
+    try:  # one GET: a file opened for reading fails when the heartbeat replaces it meanwhile
+        return Holder.from_bytes(fs.cat_file(path))
     except FileNotFoundError:
         return None
 
@@ -85,14 +89,27 @@ def test_the_heartbeat_keeps_a_lease_alive_past_its_timeout(runs, monkeypatch):
     import service.training.lease as lease_mod
 
     lease = RunLease(runs, "beating", timeout_s=1.5)  # renewed every 0.3 s
+    renewals = threading.Semaphore(0)
+    renew = lease.renew
+    monkeypatch.setattr(lease, "renew", lambda: renewals.release() or renew())
     with lease:
-        first = read_holder(runs, "beating").renewed_at
-        time.sleep(2.0)
-        assert read_holder(runs, "beating").renewed_at > first
-        # Seen from another machine (no pid to check), the lease is only as alive as its renewals.
-        monkeypatch.setattr(lease_mod, "this_machine", lambda: "another machine")
-        with pytest.raises(RunLeaseError):
-            RunLease(runs, "beating").acquire()
+        taken = read_holder(runs, "beating")
+        # Wait for the event, not for a time: renewals until the lease has outlived its first
+        # expiry. The bound only stops a broken heartbeat from hanging the test.
+        renewed = taken
+        for _ in range(1000):
+            assert renewals.acquire(timeout=120), "the heartbeat stopped renewing"
+            renewed = read_holder(runs, "beating")
+            if renewed.renewed_at > taken.started_at + taken.timeout_s:
+                break
+        assert renewed.token == taken.token and renewed.started_at == taken.started_at
+    # Seen from another machine (no pid to check), a lease is only as alive as its renewals: at
+    # a moment past the first expiry the unrenewed lease is dead and the renewed one alive.
+    monkeypatch.setattr(lease_mod, "this_machine", lambda: "another machine")
+    moment = renewed.renewed_at + taken.timeout_s / 2
+    never_renewed = dataclasses.replace(taken, renewed_at=taken.started_at)  # (the first read may be a renewal)
+    assert never_renewed.stale_because(moment) is not None
+    assert renewed.stale_because(moment) is None
 
 
 @pytest.mark.parametrize("dead", ["process gone", "not renewed"])
@@ -110,9 +127,12 @@ def test_a_dead_runs_lease_is_taken_over_with_a_warning(runs, dead, caplog):
 
 
 def test_a_live_lease_of_another_machine_is_not_taken_over(runs):
-    plant(runs, "remote", renewed_at=time.time() - 60)  # renewed a minute ago, timeout 5 minutes
-    with pytest.raises(RunLeaseError, match=r"host elsewhere, pid 4242, started .* renewed 6\d s ago"):
+    planted = time.time()
+    plant(runs, "remote", renewed_at=planted - 60)  # renewed a minute ago, timeout 5 minutes
+    with pytest.raises(RunLeaseError, match=r"host elsewhere, pid 4242, started .* renewed (\d+) s ago") as refused:
         RunLease(runs, "remote").acquire()
+    age = int(re.search(r"renewed (\d+) s ago", str(refused.value)).group(1))
+    assert 60 <= age <= 60 + math.ceil(time.time() - planted)  # the age when refused, however slow that was
     assert read_holder(runs, "remote").token == "someone-else"
 
 
@@ -181,3 +201,62 @@ def test_a_lease_file_is_plain_json_for_people(tmp_path):
     with RunLease(str(tmp_path), "json"):
         raw = json.loads((tmp_path / "json" / LEASE_FILE).read_text())
     assert raw["host"] == socket.gethostname() and raw["started"].endswith("+00:00")
+
+
+# ---------------------------------------------------------------- lease files are untrusted input
+
+
+def plant_raw(runs: str, run_name: str, **fields: object) -> None:
+    """A lease file of another machine's run with some fields replaced by anything JSON can hold."""
+    import fsspec
+
+    now = time.time()
+    raw = {"run_name": run_name, "host": "elsewhere", "machine": "elsewhere|boot|pid:[1]", "pid": 4242,
+           "pid_started": now, "started_at": now, "renewed_at": now, "timeout_s": 300.0, "token": "someone-else",
+           **fields}
+    fs, path = fsspec.core.url_to_fs(lease_file(runs, run_name))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, json.dumps(raw).encode())  # NaN and Infinity as Python's json writes them
+
+
+@pytest.mark.parametrize("field,value", [
+    ("renewed_at", time.time() + 10 * 365 * 86400),  # renewed "in ten years": never expired before
+    ("started_at", time.time() + 10 * 365 * 86400),
+    ("timeout_s", float("nan")),  # age > NaN is never true: never expired before
+    ("timeout_s", float("inf")),
+    ("timeout_s", -1.0),
+    ("renewed_at", float("nan")),
+    ("renewed_at", "yesterday"),  # a traceback (str minus float) before
+    ("pid", "4242"),
+    ("pid", 4242.5),
+    ("pid", True),
+    ("host", ["elsewhere"]),
+    ("host", "evil\nsecond line"),  # would split the one-line refusal in two
+])
+def test_a_malformed_lease_file_is_taken_over_with_a_warning_naming_the_file_and_field(runs, field, value, caplog):
+    plant_raw(runs, "odd", **{field: value})
+    with caplog.at_level(logging.WARNING, logger="service.training.lease"), RunLease(runs, "odd") as lease:
+        assert read_holder(runs, "odd").token == lease._holder.token
+    warning = next(r.getMessage() for r in caplog.records if "taking over" in r.getMessage())
+    assert f"{LEASE_FILE}" in warning and f"field {field!r}" in warning and "\n" not in warning
+
+
+def test_a_malformed_lease_of_this_machine_with_a_string_pid_is_taken_over(runs):
+    plant_raw(runs, "odd-here", machine=this_machine(), host=socket.gethostname(), pid=str(4242))
+    RunLease(runs, "odd-here").acquire().release()  # a TypeError traceback from psutil before
+    assert read_holder(runs, "odd-here") is None
+
+
+def test_a_renewal_slightly_ahead_of_this_clock_is_clock_skew_not_a_malformed_lease(runs):
+    plant_raw(runs, "skewed", renewed_at=time.time() + 5)  # another machine's clock a little ahead
+    with pytest.raises(RunLeaseError, match=r"is in use by another run \(.*, renewed 0 s ago\)"):
+        RunLease(runs, "skewed").acquire()
+
+
+def test_a_folder_at_the_lease_path_is_refused_naming_it(tmp_path):
+    (tmp_path / "runs" / "dir" / LEASE_FILE).mkdir(parents=True)
+    with pytest.raises(ConfigError) as refused:
+        RunLease(str(tmp_path / "runs"), "dir").acquire()
+    message = str(refused.value)
+    assert "\n" not in message and not isinstance(refused.value, RunLeaseError)
+    assert message.startswith(f"{tmp_path / 'runs' / 'dir' / LEASE_FILE} is a folder, not a lease file")
