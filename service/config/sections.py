@@ -129,6 +129,10 @@ class DistributedConfig:
     compile: bool | None = None  # torch.compile the model; None: on with GPUs (CPU compiles take minutes)
     offload_optimizer: bool = False
     max_failures: int = 0
+    # How long a run waits for the cluster to have room for all its workers (CPUs, GPUs) before
+    # it fails naming what it asked for and what the nodes have; a request the cluster can never
+    # meet (a worker bigger than any node of a cluster that cannot grow) is refused at once.
+    placement_timeout_s: float = 300.0
     # None: join RAY_ADDRESS if set, else start a new local cluster on 127.0.0.1 (never one
     # merely found running on the machine); "local" forces the latter.
     ray_address: str | None = None

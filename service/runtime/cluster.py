@@ -29,6 +29,8 @@ LOOPBACK = "127.0.0.1"
 # cluster that is this machine alone: a run on it ends with the machine.
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
+_local_cluster: dict[str, str | None] = {"gcs_address": None}  # the cluster this process started
+
 
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Joins the cluster at ``address`` / ``RAY_ADDRESS``, or starts a local one on this machine.
@@ -47,6 +49,15 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> N
         ray.init(address=address, **kwargs)
     else:
         _start_local_ray(num_cpus, kwargs)
+
+
+def started_local_cluster() -> bool:
+    """Whether this process is connected to the local cluster it started (``connect_ray``
+    without an address): one that is this machine and cannot grow."""
+    import ray
+
+    return (ray.is_initialized() and _local_cluster["gcs_address"] is not None
+            and ray.get_runtime_context().gcs_address == _local_cluster["gcs_address"])
 
 
 def _start_local_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
@@ -81,6 +92,7 @@ def _start_local_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = previous
+    _local_cluster["gcs_address"] = ray.get_runtime_context().gcs_address
     node_ip = ray.util.get_node_ip_address()
     if node_ip != LOOPBACK:  # a Ray that resolves loopback differently: say so rather than pretend
         log.warning("the local Ray cluster runs on %s, not %s: its ports may be reachable from the network",
@@ -135,13 +147,19 @@ def resolve_precision(cfg: TrainingJobConfig, use_gpu: bool) -> str:
     return precision
 
 
-def scaling_config(cfg: TrainingJobConfig, use_gpu: bool):
-    from ray.train import ScalingConfig
-
+def worker_resources(cfg: TrainingJobConfig, use_gpu: bool) -> dict[str, float]:
+    """What one training worker reserves on its node."""
     resources: dict[str, float] = {"CPU": cfg.dist.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.dist.gpus_per_worker
-    return ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+    return resources
+
+
+def scaling_config(cfg: TrainingJobConfig, use_gpu: bool):
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu,
+                         resources_per_worker=worker_resources(cfg, use_gpu))
 
 
 def with_project_on_path() -> str:
