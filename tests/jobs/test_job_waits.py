@@ -2,7 +2,7 @@
 one that does not fit now waits at most ``dist.placement_timeout_s``, Ctrl+C stops the wait, and
 an address without a Ray cluster fails in seconds; each with its run's lease released.
 
-The cases run the real pretraining job (``jobs/pretrain.py``'s ``main``) in one subprocess, on
+The cases run the real jobs (``jobs/pretrain.py``'s, ``jobs/tune.py``'s ``main``) in one subprocess, on
 a fresh local Ray cluster of 2 CPUs that it starts once (the test session's shared Ray lives in
 this process). The subprocess timeouts are safety nets only: before these fixes the jobs
 waited for ever.
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 SAFETY_NET_S = 300
 
-# Runs each case of argv[1] (a JSON list) through the pretraining job's main on one local
+# Runs each case of argv[1] (a JSON list) through a job's main (pretraining unless named) on one local
 # cluster of 2 CPUs, optionally with all of them taken by another holder, and prints its outcome.
 DRIVER = """
 import contextlib, importlib.util, io, json, sys
@@ -41,9 +41,11 @@ from service.runtime.cluster import connect_ray
 
 setup_logging()  # the log goes to the real stderr, also while a case's stderr is captured
 connect_ray(None, num_cpus=2)
-spec = importlib.util.spec_from_file_location("pretrain_job", "jobs/pretrain.py")
-job = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(job)
+jobs = {}
+for name in ("pretrain", "tune"):
+    spec = importlib.util.spec_from_file_location(f"{name}_job", f"jobs/{name}.py")
+    jobs[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jobs[name])
 for case in json.loads(sys.argv[1]):
     holder = placement_group([{"CPU": 2}]) if case["cluster_busy"] else None
     if holder is not None:
@@ -53,7 +55,7 @@ for case in json.loads(sys.argv[1]):
     code = 0
     try:
         with contextlib.redirect_stderr(err):
-            code = job.main(case["args"])
+            code = jobs[case.get("job", "pretrain")].main(case["args"])
     except SystemExit as exit_:
         code = exit_.code
     finally:
@@ -95,6 +97,9 @@ def outcomes(work, digits_dir) -> dict[str, dict]:
          "args": job_args(work, digits_dir, "huge-worker", "--dist.cpus_per_worker", "1000")},
         {"name": "too_many_workers", "cluster_busy": False,
          "args": job_args(work, digits_dir, "too-many", "--dist.num_workers", "3")},
+        {"name": "sweep_trial_too_big", "cluster_busy": False, "job": "tune",
+         "args": ["--sweep.name", "too-big", "--sweep.storage_path", str(work / "sweeps"), "--sweep.driver_cpus", "1",
+                  "--sweep.num_samples", "1", *job_args(work, digits_dir, "unused", "--dist.num_workers", "2")[2:]]},
         {"name": "busy_cluster", "cluster_busy": True,
          "args": job_args(work, digits_dir, "busy", "--dist.placement_timeout_s", "2")},
         {"name": "ctrl_c", "cluster_busy": True,
@@ -149,6 +154,16 @@ def test_more_workers_than_the_machine_has_cpus_exits_2_at_once_naming_num_worke
     assert one_error_line(case).startswith("pretrain.py: error: dist.num_workers=3: 3 workers of 1 CPU need 3 CPU "
                                            "but the local Ray cluster this job started (it cannot grow) has 2 in all")
     assert not lease_of(work, "too-many").exists()
+
+
+def test_a_sweep_whose_trial_is_bigger_than_the_machine_exits_2_at_once_naming_the_values(outcomes, work):
+    case = outcomes["cases"].get("sweep_trial_too_big")
+    assert case is not None, outcomes["log"]
+    assert case["code"] == 2
+    assert one_error_line(case).startswith(
+        "tune.py: error: sweep.driver_cpus=1 with dist.num_workers=2: one trial (its driver and its workers) needs "
+        "3 CPU but the local Ray cluster this job started (it cannot grow) has 2 CPU in all")
+    assert not (work / "sweeps" / "too-big" / LEASE_FILE).exists()
 
 
 def test_a_cluster_without_room_now_fails_after_the_placement_timeout_naming_it(outcomes, work):
