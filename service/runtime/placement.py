@@ -156,19 +156,22 @@ def _autoscaler_limits() -> ClusterCapacity | None:
     except Exception as exc:  # a Ray without it: the size stays unknown
         log.debug("no autoscaler limits (%s: %s)", type(exc).__name__, exc)
         return None
-    if config is None or not config.node_group_configs:
-        return None
-    types = tuple(_known_resources(dict(group.resources)) for group in config.node_group_configs if group.max_count)
+    return autoscaler_capacity(config) if config is not None and config.node_group_configs else None
+
+
+def autoscaler_capacity(config: Any) -> ClusterCapacity:
+    """The capacity an autoscaler's ``ClusterConfig`` (Ray's protobuf) allows: its node types,
+    and at most ``max_count`` nodes of each (-1: no limit), within its ``max_resources``."""
+    groups = config.node_group_configs
+    types = tuple(_known_resources(dict(group.resources)) for group in groups if group.max_count)
     total: dict[str, float] = {}
-    for group in config.node_group_configs:
+    for group in groups:
         for resource, amount in group.resources.items():
-            if group.max_count < 0 or amount < 0:
-                total[resource] = float("inf")
-            elif resource not in total or total[resource] != float("inf"):
-                total[resource] = total.get(resource, 0.0) + group.max_count * amount
+            nodes = float("inf") if group.max_count < 0 else float(group.max_count)
+            total[resource] = total.get(resource, 0.0) + (nodes * amount if amount else 0.0)
     for resource, cap in config.max_resources.items():
         total[resource] = min(total.get(resource, 0.0), float(cap))
-    return ClusterCapacity(types, _known_resources(total), "the Ray cluster's autoscaler limits")
+    return ClusterCapacity(types, _known_resources(total), "the Ray cluster's autoscaler node types")
 
 
 def _known_resources(resources: dict[str, Any]) -> dict[str, float]:
