@@ -76,7 +76,8 @@ def _join_ray(address: str, key: str, timeout_s: float, kwargs: dict[str, Any]) 
     and starts again), so a mistyped address would hang the job, and its run's lease with it.
     So the address's port is tried first (seconds), and ``ray.init`` runs in a thread the
     driver stops waiting for after ``timeout_s`` (the job then exits; the thread dies with it).
-    Ray sets no SIGTERM handler from that thread, which leaves the job's own in place.
+    Ray sets no SIGTERM handler from that thread, which leaves the job's own in place (its
+    warning saying so is known noise, ``service.runtime.logs``).
     """
     import ray
 
@@ -91,14 +92,8 @@ def _join_ray(address: str, key: str, timeout_s: float, kwargs: dict[str, Any]) 
             outcome.append(exc)
 
     thread = threading.Thread(target=join, name="ray-connect", daemon=True)
-    quiet = _DropRecords("SIGTERM handler is not set")
-    ray_worker_log = logging.getLogger("ray._private.worker")
-    ray_worker_log.addFilter(quiet)
-    try:
-        thread.start()
-        thread.join(timeout_s)  # Ctrl+C interrupts it
-    finally:
-        ray_worker_log.removeFilter(quiet)
+    thread.start()
+    thread.join(timeout_s)  # Ctrl+C interrupts it
     if not outcome:
         raise ConfigError(f"{key}={redact_url(address)!r}: no Ray cluster answered there within {timeout_s:g} s "
                           "(something listens on that port, but Ray could not join it); check the address")
@@ -128,17 +123,6 @@ def _require_listening(address: str, key: str, timeout_s: float) -> None:
                                   f"at {host}:{port} ({type(exc).__name__}: {exc}); start the cluster or fix the "
                                   "address") from None
         time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-
-
-class _DropRecords(logging.Filter):
-    """Drops log records whose message starts with ``prefix``."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
 
 
 def _start_local_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
