@@ -367,6 +367,7 @@ def validate_run(cfg: TrainingJobConfig) -> None:
     check(g.zero_stage in ZERO_STAGES, "dist.zero_stage", g.zero_stage, f"one of {ZERO_STAGES}")
     check(g.precision in PRECISIONS, "dist.precision", g.precision, f"one of {PRECISIONS}")
     check(g.max_failures >= -1, "dist.max_failures", g.max_failures, ">= 0, or -1 for unlimited")
+    check(g.placement_timeout_s > 0, "dist.placement_timeout_s", g.placement_timeout_s, "> 0 seconds")
     if g.use_gpu is False:
         check(g.precision in ("auto", "fp32"), "dist.precision", g.precision,
               "fp32 (or auto) when dist.use_gpu is false: CPU training runs in fp32")

@@ -129,6 +129,10 @@ class DistributedConfig:
     compile: bool | None = None  # torch.compile the model; None: on with GPUs (CPU compiles take minutes)
     offload_optimizer: bool = False  # keep ZeRO's optimizer states in CPU memory (ZeRO 1-3)
     max_failures: int = 0  # worker failures the run recovers from (from its last checkpoint) before it fails
+    # How long a run waits for the cluster to have room for all its workers (CPUs, GPUs) before
+    # it fails naming what it asked for and what the nodes have; a request the cluster can never
+    # meet (a worker bigger than any node of a cluster that cannot grow) is refused at once.
+    placement_timeout_s: float = 300.0
     # None: join RAY_ADDRESS if set, else start a new local cluster on 127.0.0.1 (never one
     # merely found running on the machine); "local" forces the latter.
     ray_address: str | None = None

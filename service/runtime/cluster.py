@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,25 +30,99 @@ LOOPBACK = "127.0.0.1"
 # error line about its restart arguments in every run's log) has nothing to watch on a
 # cluster that is this machine alone: a run on it ends with the machine.
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# Joining a cluster: how long its port may refuse connections (a head node starting), and how
+# long ``ray.init`` may take in all.
+PORT_PROBE_S = 10.0
+CONNECT_TIMEOUT_S = 60.0
+
+_local_cluster: dict[str, str | None] = {"gcs_address": None}  # the cluster this process started
 
 
-def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+def connect_ray(address: str | None = None, *, num_cpus: int | None = None,
+                timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Joins the cluster at ``address`` / ``RAY_ADDRESS``, or starts a local one on this machine.
 
     Without an address a run always starts its own cluster: Ray's own default would join
     whatever cluster ``/tmp/ray/ray_current_cluster`` names (another user's, or one that is gone).
-    ``address="local"`` means the same.
+    ``address="local"`` means the same. Joining gives up after ``timeout_s`` with a ConfigError
+    naming the address.
     """
     import ray
 
     if ray.is_initialized():
         return
+    key = "dist.ray_address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if address and address != "local":
-        ray.init(address=address, **kwargs)
+        _join_ray(address, key, timeout_s, kwargs)
     else:
         _start_local_ray(num_cpus, kwargs)
+
+
+def started_local_cluster() -> bool:
+    """Whether this process is connected to the local cluster it started (``connect_ray``
+    without an address): one that is this machine and cannot grow."""
+    import ray
+
+    return (ray.is_initialized() and _local_cluster["gcs_address"] is not None
+            and ray.get_runtime_context().gcs_address == _local_cluster["gcs_address"])
+
+
+def _join_ray(address: str, key: str, timeout_s: float, kwargs: dict[str, Any]) -> None:
+    """``ray.init(address=...)`` with a deadline.
+
+    Ray retries an address where no cluster answers for ever (its GCS client waits, times out
+    and starts again), so a mistyped address would hang the job, and its run's lease with it.
+    So the address's port is tried first (seconds), and ``ray.init`` runs in a thread the
+    driver stops waiting for after ``timeout_s`` (the job then exits; the thread dies with it).
+    Ray sets no SIGTERM handler from that thread, which leaves the job's own in place (its
+    warning saying so is known noise, ``service.runtime.logs``).
+    """
+    import ray
+
+    _require_listening(address, key, min(PORT_PROBE_S, timeout_s))
+    outcome: list[BaseException | None] = []
+
+    def join() -> None:
+        try:
+            ray.init(address=address, **kwargs)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the waiting driver
+            outcome.append(exc)
+
+    thread = threading.Thread(target=join, name="ray-connect", daemon=True)
+    thread.start()
+    thread.join(timeout_s)  # Ctrl+C interrupts it
+    if not outcome:
+        raise ConfigError(f"{key}={redact_url(address)!r}: no Ray cluster answered there within {timeout_s:g} s "
+                          "(something listens on that port, but Ray could not join it); check the address")
+    if outcome[0] is not None:
+        exc = outcome[0]
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"{key}={redact_url(address)!r}: cannot join the Ray cluster there "
+                          f"({type(exc).__name__}: {detail})") from exc
+
+
+def _require_listening(address: str, key: str, timeout_s: float) -> None:
+    """Raises ConfigError unless something accepts connections at ``address``'s host:port
+    within ``timeout_s`` (retried: a head node may be starting)."""
+    import socket
+
+    host, sep, port = address.split("://")[-1].rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: Ray resolves them itself
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, deadline - time.monotonic())):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"{key}={redact_url(address)!r}: no Ray cluster there: nothing accepts connections "
+                                  f"at {host}:{port} ({type(exc).__name__}: {exc}); start the cluster or fix the "
+                                  "address") from None
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 def _start_local_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
@@ -81,6 +157,7 @@ def _start_local_ray(num_cpus: int | None, kwargs: dict[str, Any]) -> None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = previous
+    _local_cluster["gcs_address"] = ray.get_runtime_context().gcs_address
     node_ip = ray.util.get_node_ip_address()
     if node_ip != LOOPBACK:  # a Ray that resolves loopback differently: say so rather than pretend
         log.warning("the local Ray cluster runs on %s, not %s: its ports may be reachable from the network",
@@ -135,13 +212,19 @@ def resolve_precision(cfg: TrainingJobConfig, use_gpu: bool) -> str:
     return precision
 
 
-def scaling_config(cfg: TrainingJobConfig, use_gpu: bool):
-    from ray.train import ScalingConfig
-
+def worker_resources(cfg: TrainingJobConfig, use_gpu: bool) -> dict[str, float]:
+    """What one training worker reserves on its node."""
     resources: dict[str, float] = {"CPU": cfg.dist.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.dist.gpus_per_worker
-    return ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+    return resources
+
+
+def scaling_config(cfg: TrainingJobConfig, use_gpu: bool):
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu,
+                         resources_per_worker=worker_resources(cfg, use_gpu))
 
 
 def with_project_on_path() -> str:

@@ -16,6 +16,9 @@ otherwise pass untouched:
   at WARNING (``service.training.launch``); they stay in Ray's session log files.
 - Ray's "Token authentication is enabled for this Ray cluster" on every local start: the
   cluster we start always has token auth (README, Security).
+- Ray's "SIGTERM handler is not set because current thread is not the main thread" when a job
+  joins a cluster: ``service.runtime.cluster`` joins from a thread on purpose (a deadline), and
+  the job's own SIGTERM handler is the one it wants.
 - MLflow's "Creating initial MLflow database tables" / "Updating database tables" of a new
   sqlite store, and its "Successfully registered model" / "Created version" (we log the
   registered version ourselves).
@@ -47,6 +50,7 @@ _TRACEBACKS = logging.Formatter()
 _NOISY_MESSAGES: dict[str, tuple[str, ...]] = {
     "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray",),
     "mlflow.store.db.utils": ("Creating initial MLflow database tables", "Updating database tables"),
+    "ray._private.worker": ("SIGTERM handler is not set because current thread is not the main thread",),
 }
 # What third-party calls print (not log) that is noise, dropped around those calls.
 DEEPSPEED_PRINTS = (r"^DeepSpeed .* built successfully$", r"^Processing zero checkpoint ",

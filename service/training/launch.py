@@ -33,6 +33,12 @@ from service.runtime.cluster import (
     worker_runtime_env,
 )
 from service.runtime.credentials import share_credentials
+from service.runtime.placement import (
+    check_placement,
+    cluster_capacity,
+    ray_train_placement_deadline,
+    wait_for_placement,
+)
 from service.tracking import Tracker, open_run, resolve_tracking_uri, warm_up
 from service.tracking.provenance import provenance
 from service.training.checkpoints import STATE_FILE, check_resumable
@@ -134,6 +140,7 @@ def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | 
                 mlflow_ready.join()
         use_gpu = resolve_use_gpu(cfg)
         precision = resolve_precision(cfg, use_gpu)
+        check_placement(cfg, use_gpu, cluster_capacity())  # a run the cluster can never hold opens no MLflow run
         compile_model = cfg.dist.compile if cfg.dist.compile is not None else use_gpu
         tracker = open_run(tracking_uri, cfg.mlflow.experiment,
                            identity=run_identity(cfg.run_name, storage_label), run_name=cfg.run_name,
@@ -178,6 +185,9 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
         set_aside_unusable_snapshot(RunStorage(fs, folder))
         # A checkpoint this config cannot resume: stop here, naming the flags.
         check_resumable(newest_train_state(folder, fs, STATE_FILE), cfg, launch.storage_label)
+    # The wait for room happens here, where Ctrl+C stops it and a deadline ends it, not in
+    # Ray Train's controller (service.runtime.placement says why).
+    wait_for_placement(cfg, launch.use_gpu)
 
     trainer = TorchTrainer(
         worker,
@@ -188,7 +198,10 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
             storage_path=launch.storage_path,
             storage_filesystem=launch.storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-            failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+            # Failing to start the worker group (its placement timed out, a worker died while
+            # starting) is retried as often as a failed worker: Ray Train's default is for ever.
+            failure_config=FailureConfig(max_failures=cfg.dist.max_failures,
+                                         controller_failure_limit=cfg.dist.max_failures),
             callbacks=callbacks,
             worker_runtime_env=worker_runtime_env(),
             # Ray Train's INFO lines (resource requests, each report and checkpoint) go to its
@@ -199,7 +212,8 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
     log.info("launching %d %s worker(s); checkpoints under %s; MLflow %s run %s", cfg.dist.num_workers,
              "GPU" if launch.use_gpu else "CPU", launch.storage_label, redact_url(launch.tracking_uri), launch.run_id)
     try:
-        result = trainer.fit()
+        with ray_train_placement_deadline(cfg):
+            result = trainer.fit()
     except Exception as exc:
         # Bad input a worker found (a damaged shard, a refused checkpoint) is the job's bad input,
         # reported in one line, and the error the MLflow run fails with, not Ray's wrapper.

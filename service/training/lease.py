@@ -52,6 +52,7 @@ DEFAULT_TIMEOUT_S = 300.0
 # How far ahead of this machine's clock another machine's lease times may be before they are
 # taken for garbage: a lease "renewed" years ahead would otherwise never expire.
 CLOCK_SKEW_S = 60.0
+LOCK_WAIT_S = 30.0  # the longest a local lease waits for its lock file (held for milliseconds)
 
 
 class RunLeaseError(ConfigError):
@@ -294,10 +295,21 @@ class _LocalStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        """Holds the lock for one read-check-write (milliseconds). A lock held far longer is a
+        stuck holder or a stuck NFS lock server: waiting for it has a deadline, like every wait."""
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise RunLeaseError(f"could not lock {self.folder / LOCK_FILE} within {LOCK_WAIT_S:g} s: "
+                                            "another process holds it; if none should, delete that file") from None
+                    time.sleep(0.05)
             yield
         finally:
             os.close(fd)  # closing drops the lock

@@ -156,6 +156,7 @@ def _run_sweep(cfg: TuneJobConfig, dims: list[Dimension], base: PretrainConfig, 
         resolve_use_gpu,
     )
     from service.runtime.credentials import keep_credentials_out_of_tune, share_credentials
+    from service.runtime.placement import PlacementError, check_placement, cluster_capacity
     from service.training.launch import absolute_url, storage_location
 
     connect_ray(cfg.dist.ray_address)
@@ -165,8 +166,20 @@ def _run_sweep(cfg: TuneJobConfig, dims: list[Dimension], base: PretrainConfig, 
     import ray
 
     per_trial = trial_resources(base, use_gpu, cfg.sweep.driver_cpus)
+    capacity = cluster_capacity()
+    check_placement(base, use_gpu, capacity)  # one trial's workers
     cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
-    if any(cluster.get(k, 0.0) < v for k, v in per_trial.items()):
+    most = capacity.total if capacity.total is not None else cluster
+    short = {k: v for k, v in per_trial.items() if most.get(k, 0.0) < v}
+    if short and capacity.total is not None:  # Tune would keep the trials pending for ever
+        raise PlacementError(
+            f"sweep.driver_cpus={cfg.sweep.driver_cpus:g} with dist.num_workers={base.dist.num_workers}: one trial "
+            f"(its driver and its workers) needs {', '.join(f'{v:g} {k}' for k, v in sorted(short.items()))} but "
+            f"{capacity.source} has {', '.join(f'{most.get(k, 0.0):g} {k}' for k in sorted(short))} in all. Lower "
+            "sweep.driver_cpus, dist.num_workers "
+            "or dist.cpus_per_worker"
+        )
+    if short:
         log.warning("one trial needs %s but the cluster has %s now; trials wait for the autoscaler",
                     per_trial, {k: cluster.get(k, 0.0) for k in per_trial})
     concurrency = concurrent_trials(cfg.sweep.max_concurrent_trials, per_trial, cluster)

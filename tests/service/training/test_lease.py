@@ -260,3 +260,24 @@ def test_a_folder_at_the_lease_path_is_refused_naming_it(tmp_path):
     message = str(refused.value)
     assert "\n" not in message and not isinstance(refused.value, RunLeaseError)
     assert message.startswith(f"{tmp_path / 'runs' / 'dir' / LEASE_FILE} is a folder, not a lease file")
+
+
+@pytest.mark.timeout(120)  # a safety net: before the deadline, this waited for ever
+def test_a_lock_file_held_by_a_stuck_process_fails_the_lease_instead_of_waiting_for_ever(tmp_path, monkeypatch):
+    import fcntl
+    import os
+
+    from service.training import lease as lease_module
+
+    monkeypatch.setattr(lease_module, "LOCK_WAIT_S", 1.0)
+    folder = tmp_path / "stuck"
+    folder.mkdir()
+    fd = os.open(folder / lease_module.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another open of the file: as a stuck process holds it
+        with pytest.raises(RunLeaseError, match=r"could not lock .*\.convmae-lease\.lock within 1 s: another process"):
+            RunLease(str(tmp_path), "stuck").acquire()
+    finally:
+        os.close(fd)
+    with RunLease(str(tmp_path), "stuck"):  # once it is let go, the lease is taken as usual
+        assert (folder / LEASE_FILE).exists()
