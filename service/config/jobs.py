@@ -213,8 +213,8 @@ class PrepareDataConfig:
     # counted (64MB; an ImageNet JPEG is ~110KB), so is a zip member that would expand more
     # than max_expansion_ratio times (a zip bomb), and a tar nested deeper than max_nesting.
     max_image_bytes: str = "64MB"
-    max_expansion_ratio: float = 100.0
-    max_nesting: int = 8
+    max_expansion_ratio: float = 100.0  # a zip member expanding more than this many times its size is skipped
+    max_nesting: int = 8  # archives inside archives deeper than this are skipped and counted
     # Processes that pack at once, as Ray tasks over ranges of the source: 1 packs in this
     # process (no Ray); 0 or auto: one per CPU of the cluster (dist.ray_address). Resume with
     # the same number: the ranges depend on it.
