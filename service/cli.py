@@ -118,6 +118,11 @@ def run_job(
     try:
         with sigterm_as_interrupt():
             result = run(config)
+    except KeyboardInterrupt as exc:
+        # Ctrl+C or `ray job stop` (SIGTERM): the run ended KILLED and resumes from its last
+        # checkpoint; one line says so instead of a stack dump.
+        stopped = str(exc) or "stopped by Ctrl+C"
+        parser.exit(interrupted_status(exc), f"{parser.prog}: {stopped}; run the same command again to resume\n")
     except Exception as exc:
         # Also when Ray wraps it: bad input found in a worker or a sweep's trial.
         error = user_error_behind(exc)
@@ -128,6 +133,19 @@ def run_job(
 
     with redacted_stdout():
         return report(result, config)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal other than Ctrl+C, raised where Ctrl+C would be."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def interrupted_status(exc: KeyboardInterrupt) -> int:
+    """The shell's status for a job stopped by a signal: 128 + its number (130 for Ctrl+C)."""
+    return 128 + getattr(exc, "signum", signal.SIGINT)
 
 
 @contextmanager
@@ -143,7 +161,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+        raise Interrupted(signum)
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:

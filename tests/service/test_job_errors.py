@@ -5,13 +5,14 @@ trip through pickle that brings them to the driver."""
 from __future__ import annotations
 
 import pickle
+import signal
 
 import pytest
 from ray.exceptions import RayTaskError
 from ray.train import ControllerError, TrainingFailedError, WorkerGroupError
 
 from convmae import CheckpointMismatchError
-from service.cli import run_job
+from service.cli import Interrupted, run_job
 from service.config import ConfigError, PretrainConfig
 from service.data import DataError
 from service.job_errors import USER_ERRORS, user_error_behind
@@ -102,3 +103,11 @@ def test_a_crash_is_not_taken_for_bad_input(crash, capsys):
     assert not isinstance(crash, USER_ERRORS)
     with pytest.raises(type(crash)):
         job_raising(crash, capsys)
+
+
+@pytest.mark.parametrize(("stop", "status", "line"), [
+    (KeyboardInterrupt(), 130, "job.py: stopped by Ctrl+C; run the same command again to resume\n"),
+    (Interrupted(signal.SIGTERM), 143, "job.py: stopped by SIGTERM; run the same command again to resume\n"),
+], ids=["ctrl-c", "ray-job-stop"])
+def test_a_stopped_job_says_so_in_one_line_with_the_shells_status(stop, status, line, capsys):
+    assert job_raising(stop, capsys) == (status, line)
