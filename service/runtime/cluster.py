@@ -44,7 +44,16 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> N
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if address and address != "local":
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ValueError) as exc:  # nothing there, or not a GCS address
+            # Ray's first sentence says what is wrong; its advice after it is for Ray's own tools.
+            reason = (str(exc).strip() or type(exc).__name__).splitlines()[0].split(". ")[0].rstrip(".") + "."
+            raise ConfigError(
+                f"cannot join the Ray cluster at {redact_url(address)!r} (dist.ray_address or RAY_ADDRESS): "
+                f"{reason} A job joins a head's GCS address (host:port, printed by `ray start --head`); "
+                "the dashboard's http:// address is for `ray job submit`; unset both to start a local "
+                "cluster") from None
     else:
         _start_local_ray(num_cpus, kwargs)
 

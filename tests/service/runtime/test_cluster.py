@@ -118,3 +118,14 @@ def test_a_local_run_does_not_join_another_cluster_running_on_the_machine(ray_tm
         for proc in alive:
             proc.kill()
         other.wait(timeout=30)
+
+
+def test_an_address_to_join_that_is_not_a_gcs_is_one_line_with_the_fix(ray_tmpdir):
+    # The dashboard's http:// address (what `ray job submit` takes) exported for a direct run.
+    code = "from service.runtime.cluster import connect_ray; connect_ray('http://127.0.0.1:8265')"
+    done = subprocess.run([sys.executable, "-c", code], env=probe_env(ray_tmpdir), capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "ConfigError: cannot join the Ray cluster at 'http://127.0.0.1:8265'" in last
+    assert "GCS address (host:port, printed by `ray start --head`)" in last and "ray job submit" in last
