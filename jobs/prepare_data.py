@@ -13,6 +13,8 @@ manifest records N and how many): less to read and decode per epoch.
 Untrusted input is bounded: unsafe member names, links out of SRC, images over
 --max_image_bytes (64MB), zip bombs, deep tar nesting and JPEGs cut short or of too many
 scans are skipped, warned about and counted in the manifest.
+--val_fraction F (0.05) holds out a validation split, chosen by a hash of each image's name,
+as its own data set in DEST/val, which training jobs use when data.val_url is empty; 0: none.
 --workers N packs with N Ray tasks at a time over ranges of SRC (0/auto: the cluster's CPUs;
 1, the default: this process alone); each range resumes on its own.
 Credentials come from the standard AWS_* environment variables and are never printed.
@@ -42,12 +44,17 @@ def _prepare(config: PrepareDataConfig) -> dict:
     return prepare_distributed(config.src, config.dest, workers=config.num_workers, storage=config.storage,
                                ray_address=config.dist.ray_address, shard_bytes=config.shard_bytes,
                                samples_per_shard=config.samples_per_shard, shuffle_seed=config.shuffle_seed,
-                               overwrite=config.overwrite, max_side=config.max_side, limits=limits)
+                               overwrite=config.overwrite, max_side=config.max_side, limits=limits,
+                               val_fraction=config.val_fraction)
 
 
 def _report(manifest: dict, config: PrepareDataConfig) -> int:
+    from service.data.manifest import validation_url
+
+    held_out = manifest["extra"].get("val_images", 0)
+    val = f"; {held_out} held out for validation -> {validation_url(config.dest)}" if held_out else ""
     print(f"{manifest['num_samples']} images in {manifest['num_shards']} shards, "
-          f"{manifest['num_classes']} classes -> {config.dest}")
+          f"{manifest['num_classes']} classes -> {config.dest}{val}")
     return 0
 
 

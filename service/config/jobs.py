@@ -213,12 +213,16 @@ class PrepareDataConfig:
     # counted (64MB; an ImageNet JPEG is ~110KB), so is a zip member that would expand more
     # than max_expansion_ratio times (a zip bomb), and a tar nested deeper than max_nesting.
     max_image_bytes: str = "64MB"
-    max_expansion_ratio: float = 100.0  # a zip member expanding more than this many times its size is skipped
-    max_nesting: int = 8  # archives inside archives deeper than this are skipped and counted
+    max_expansion_ratio: float = 100.0  # a zip member expanding more than this many times is skipped
+    max_nesting: int = 8  # tars inside tars are read this many levels deep; deeper ones are skipped
     # Processes that pack at once, as Ray tasks over ranges of the source: 1 packs in this
     # process (no Ray); 0 or auto: one per CPU of the cluster (dist.ray_address). Resume with
     # the same number: the ranges depend on it.
     workers: str = "1"
+    # Images held out as a validation split at <dest>/val (chosen by a hash of each image's
+    # name: the same split on every run and any workers); training jobs use it when
+    # data.val_url is empty. 0: no split; at most 0.5.
+    val_fraction: float = 0.05
     storage: StorageConfig = field(default_factory=StorageConfig)
     dist: PrepareClusterConfig = field(default_factory=PrepareClusterConfig)
 
@@ -253,6 +257,8 @@ class PrepareDataConfig:
             raise ConfigError(f"max_image_bytes={self.max_image_bytes!r} is not allowed: {exc}") from None
         check(self.max_expansion_ratio >= 1, "max_expansion_ratio", self.max_expansion_ratio, ">= 1 (e.g. 100)")
         check(self.max_nesting >= 0, "max_nesting", self.max_nesting, ">= 0 (0: no tar read inside a tar)")
+        check(0 <= self.val_fraction <= 0.5, "val_fraction", self.val_fraction,
+              "from 0 (no validation split) to 0.5, e.g. 0.05")
         allowed_workers = "a number of processes >= 1, or 0 / auto for the cluster's CPUs"
         try:
             check(self.num_workers is None or self.num_workers >= 1, "workers", self.workers, allowed_workers)

@@ -15,9 +15,11 @@ Interface the training loop codes against
     missing shards. Exposes ``num_samples``, ``num_shards``, ``has_labels``, ``num_classes``,
     ``class_names``.
 
-``resolve_data_urls(cfg) -> (train_url, val_url | None)``
+``resolve_data_urls(cfg, storage=None) -> (train_url, val_url | None)``
     ``cfg.url`` / ``cfg.val_url``; when ``cfg.url`` is empty, the embedded digits set
-    (``<cfg.embedded_dir>/digits/{train,val}``, generated once, race-safe).
+    (``<cfg.embedded_dir>/digits/{train,val}``, generated once, race-safe). With ``cfg.val_url``
+    empty, ``<cfg.url>/val`` when a prepared data set is there (the split
+    ``jobs/prepare_data.py`` holds out, ``val_fraction``).
 
 ``build_train_loader(cfg, *, storage=None, img_size, batch_size, rank, world_size, seed, epoch,
 resume_state=None) -> TrainLoader``
@@ -62,7 +64,9 @@ gives the uint8 crop), ``resized_crop`` (the torch crop/resize/flip, any device)
 ``prepare.prepare_dataset(src, dest, *, shard_bytes=256 MiB, storage_options=None, ...)``
     Packs an image folder (``class/xxx.jpg`` or flat) or archive into shards plus
     ``manifest.json`` (written last); re-running resumes; ``max_side=N`` stores images whose
-    shorter side exceeds N scaled down to N. CLI: ``jobs/prepare_data.py``.
+    shorter side exceeds N scaled down to N; ``val_fraction=F`` holds out a validation split
+    (a hash of each image's key) as its own data set at ``<dest>/val``. CLI: ``jobs/prepare_data.py``
+    (F=0.05 by default there).
 
 ``cfg.decode`` (cpu|gpu|auto): in a CUDA process, gpu/auto decode the training JPEGs on the
 GPU (``gpu_decode``; ``build_train_loader(..., device=)``), with the CPU path's crops.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import posixpath
 import shutil
 import uuid
 from pathlib import Path
@@ -18,10 +19,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.config import DataConfig
+from service.config import DataConfig, StorageConfig
 from service.data.errors import DataError
-from service.data.manifest import MANIFEST_NAME, Manifest
+from service.data.manifest import MANIFEST_NAME, Manifest, validation_url
 from service.data.sources import MemorySource
+from service.data.storage import (
+    describe_error,
+    filesystem,
+    is_storage_error,
+    redact_url,
+    storage_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +42,36 @@ SAMPLES_PER_SHARD = 128
 SPLITS = ("train", "val")
 
 
-def resolve_data_urls(cfg: DataConfig) -> tuple[str, str | None]:
+def resolve_data_urls(cfg: DataConfig, storage: StorageConfig | None = None) -> tuple[str, str | None]:
     """(train URL, val URL or None): ``cfg.url``/``cfg.val_url``, or the embedded digits
-    (generated on first use) when ``cfg.url`` is empty."""
+    (generated on first use) when ``cfg.url`` is empty. With ``cfg.val_url`` empty, the
+    validation split ``jobs/prepare_data.py`` held out at ``<cfg.url>/val`` when it has a
+    manifest (looked for with ``storage``), logged."""
     if cfg.url:
-        return cfg.url, cfg.val_url or None
+        return cfg.url, cfg.val_url or held_out_split(cfg.url, storage)
     # Absolute, so the URLs stay valid in processes with another working directory.
     root = ensure_digits(Path(cfg.embedded_dir)).resolve()
     return str(root / "train"), cfg.val_url or str(root / "val")
+
+
+def held_out_split(url: str, storage: StorageConfig | None = None) -> str | None:
+    """``<url>/val`` when a prepared data set is there (the split ``jobs/prepare_data.py``
+    holds out), else None. Storage that cannot be asked is left to opening ``url`` to report."""
+    val_url = validation_url(url)
+    fs, root = filesystem(val_url, storage_options(storage))
+    try:
+        found = fs.exists(posixpath.join(root, MANIFEST_NAME))
+    except Exception as exc:
+        if not is_storage_error(exc):
+            raise
+        log.warning("cannot look for a validation split at %s (%s): no validation",
+                    redact_url(val_url), describe_error(exc))
+        return None
+    if found:
+        log.info("data.val_url is empty: validating on %s, the split held out when %s was prepared",
+                 redact_url(val_url), redact_url(url))
+        return val_url
+    return None
 
 
 def ensure_digits(embedded_dir: Path) -> Path:

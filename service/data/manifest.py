@@ -37,6 +37,15 @@ def range_shard_name(number: int, index: int) -> str:
     return f"shard-{number:05d}-{index:06d}.tar"
 
 
+# The folder, inside a prepared data set, of the validation split held out of it.
+VAL_SPLIT = "val"
+
+
+def validation_url(url: str) -> str:
+    """Where the validation split held out of the data set at ``url`` lives: ``<url>/val``."""
+    return f"{url.rstrip('/')}/{VAL_SPLIT}"
+
+
 def index_name(shard: str) -> str:
     """``shard-000003.tar`` -> ``shard-000003.index.json``."""
     return shard.removesuffix(".tar") + ".index.json"

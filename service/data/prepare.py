@@ -9,11 +9,16 @@ Split into ranges (``num_ranges``, written by other processes: ``service.runtime
 the source's write order is cut into consecutive ranges, each written as its own shards
 (``shard-RRRRR-NNNNNN.tar``) and resumed on its own the same way; the manifest lists them in
 range order and is written last by the caller's process.
+
+With ``val_fraction``, a validation split drawn by a hash of each image's key is written first,
+as a data set of its own at ``<dest>/val``; ``dest`` holds the other images. The draw depends
+on the keys alone, so resumed runs and any number of workers write the same two splits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import posixpath
@@ -32,12 +37,14 @@ from service.data.errors import DataError
 from service.data.jpeg import CorruptJpeg, check_jpeg_stream
 from service.data.manifest import (
     MANIFEST_NAME,
+    VAL_SPLIT,
     Manifest,
     ShardIndex,
     ShardInfo,
     index_name,
     range_shard_name,
     shard_name,
+    validation_url,
 )
 from service.data.scratch import scratch
 from service.data.shards import ShardWriter, sample_tar_bytes
@@ -45,6 +52,7 @@ from service.data.sources import (
     ImageSource,
     SourceImage,
     SourceLimits,
+    SubsetSource,
     is_splittable,
     open_source,
     read_all,
@@ -71,7 +79,8 @@ def prepare_dataset(src: str, dest: str, *, shard_bytes: int = DEFAULT_SHARD_BYT
                     samples_per_shard: int | None = None, shuffle_seed: int | None = 0,
                     overwrite: bool = False, max_retries: int = 5,
                     max_side: int | None = None, limits: SourceLimits | None = None,
-                    num_ranges: int = 1, run_ranges: RangeRunner | None = None) -> dict[str, Any]:
+                    num_ranges: int = 1, run_ranges: RangeRunner | None = None,
+                    val_fraction: float = 0.0) -> dict[str, Any]:
     """Packs the image folder or archive at ``src`` into a shard data set at ``dest``.
 
     ``storage_options`` apply to remote URLs; None: :func:`service.data.storage_options` of
@@ -80,13 +89,18 @@ def prepare_dataset(src: str, dest: str, *, shard_bytes: int = DEFAULT_SHARD_BYT
     ``limits``: what one image may cost (``service.data.sources.SourceLimits``).
     ``num_ranges`` > 1 splits the images into that many consecutive ranges, each written as
     its own shards by ``run_ranges`` (several processes or machines; see
-    ``service.runtime.preparation``); a compressed tar is always one range. Returns the manifest
-    as a dict.
+    ``service.runtime.preparation``); a compressed tar is always one range.
+    ``val_fraction`` > 0 holds that fraction of the images out as a validation split, written
+    first as its own data set at ``<dest>/val`` (:func:`split_validation`); ``dest`` gets the
+    rest. Returns the (training) manifest as a dict.
 
     Symlinks in a local ``src`` that leave it are refused (see ``service.data.sources``). A
     missing destination bucket is an error, never created. Storage errors (unreachable,
     forbidden, missing) are DataErrors of one line naming the URL.
     """
+    if not 0.0 <= val_fraction <= MAX_VAL_FRACTION:
+        raise DataError(f"val_fraction={val_fraction} is not allowed: from 0 (no validation split) "
+                        f"to {MAX_VAL_FRACTION}, e.g. 0.05")
     if storage_options is None:
         storage_options = default_storage_options()
     with storage_errors_named(src, "cannot read the source"):
@@ -94,16 +108,87 @@ def prepare_dataset(src: str, dest: str, *, shard_bytes: int = DEFAULT_SHARD_BYT
     if num_ranges > 1 and not is_splittable(src):
         log.warning("%s is a compressed tar, read front to back: prepared by one process", source.description)
         num_ranges = 1
+    settings = dict(shard_bytes=shard_bytes, storage_options=storage_options,
+                    samples_per_shard=samples_per_shard, overwrite=overwrite, max_retries=max_retries,
+                    max_side=max_side, num_ranges=num_ranges, run_ranges=run_ranges, src=src)
     try:
         with storage_errors_named(dest, "cannot write the data set"):
-            return write_dataset(source, dest, shard_bytes=shard_bytes,
-                                 storage_options=storage_options,
-                                 samples_per_shard=samples_per_shard, overwrite=overwrite,
-                                 max_retries=max_retries, max_side=max_side,
-                                 extra={"shuffle_seed": shuffle_seed},
-                                 num_ranges=num_ranges, run_ranges=run_ranges, src=src)
+            check_writable(dest, storage_options)  # an unreachable or missing bucket: in seconds
+            if not overwrite:
+                _refuse_another_split(dest, storage_options, val_fraction)
+            train, val = split_validation(source, val_fraction)
+            val_dest = validation_url(dest)
+            if val is None:
+                _remove_stale_split(val_dest, storage_options)
+                held_out = {}
+            else:
+                # First: a complete training manifest then vouches for a complete split beside it.
+                log.info("%s: holding out %d of %d images for validation (val_fraction=%g) at %s",
+                         source.description, len(val.images), len(source.images), val_fraction,
+                         redact_url(val_dest))
+                write_dataset(val, val_dest, **settings,
+                              extra={"shuffle_seed": shuffle_seed, "split": "val", "val_fraction": val_fraction})
+                held_out = {"val_images": len(val.images)}
+            return write_dataset(train, dest, **settings,
+                                 extra={"shuffle_seed": shuffle_seed, "val_fraction": val_fraction, **held_out})
     finally:
         source.close()
+
+
+# More than half held out leaves a training set smaller than its validation set.
+MAX_VAL_FRACTION = 0.5
+
+
+def is_held_out(key: str, val_fraction: float) -> bool:
+    """Whether the image ``key`` falls in the validation split of ``val_fraction``. A stable
+    hash of the key alone (not of the listing order, the shuffle seed or the worker count):
+    every run, resumed or spread over workers, draws the same split, and images added to the
+    source later never move the others between splits."""
+    draw = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return draw < val_fraction * 2**64
+
+
+def split_validation(source: ImageSource, val_fraction: float) -> tuple[ImageSource, ImageSource | None]:
+    """(training images, validation images or None) of ``source``, in its write order: about
+    ``val_fraction`` of them held out (:func:`is_held_out`). None when ``val_fraction`` is 0, or
+    when the draw holds out no image or every image (a handful of images), logged. Labeled or
+    not, a source is split alike: an unlabeled split still gives val/recon_loss."""
+    if val_fraction <= 0:
+        return source, None
+    held = [is_held_out(image.key, val_fraction) for image in source.images]
+    if not any(held) or all(held):
+        log.warning("%s: no validation split held out: val_fraction=%g of %d images draws %d of them",
+                    source.description, val_fraction, len(held), sum(held))
+        return source, None
+    train = [image for image, out in zip(source.images, held) if not out]
+    val = [image for image, out in zip(source.images, held) if out]
+    return SubsetSource(source, train, source.skipped), SubsetSource(source, val)
+
+
+def _refuse_another_split(dest: str, storage_options: dict[str, Any], val_fraction: float) -> None:
+    """A complete data set at ``dest`` split with another ``val_fraction`` (none recorded: 0)
+    is refused before anything is written; its split is kept whole."""
+    fs, root = filesystem(dest, storage_options)
+    existing = _complete_manifest(fs, root, redact_url(dest))
+    if existing is None:
+        return
+    recorded = float(existing.extra.get("val_fraction", 0.0))
+    if recorded != val_fraction:
+        raise DataError(f"{redact_url(dest)} already holds a complete data set prepared with "
+                        f"val_fraction={recorded:g}, not {val_fraction:g}; rerun with "
+                        f"--val_fraction {recorded:g} to keep it, or --overwrite to split it anew")
+
+
+def _remove_stale_split(val_dest: str, storage_options: dict[str, Any]) -> None:
+    """Removes a validation split an earlier run held out at ``val_dest`` (its manifest says
+    so) when this run holds out none: it would overlap the training images. A data set of
+    one's own put there is left alone."""
+    fs, root = filesystem(val_dest, storage_options)
+    existing = _complete_manifest(fs, root, redact_url(val_dest))
+    if existing is not None and existing.extra.get("split") == VAL_SPLIT:
+        log.warning("%s: removing the validation split an earlier run held out (val_fraction=%s); "
+                    "this run holds out none", redact_url(val_dest), existing.extra.get("val_fraction"))
+        _remove_ours(fs, root, keep=set())
 
 
 @contextlib.contextmanager

@@ -442,6 +442,23 @@ class MemorySource(ImageSource):
         return [self._data[image.locator] for image in images]
 
 
+class SubsetSource(ImageSource):
+    """Some of another source's images (one split of it), read through that source; it shares
+    the source's description, classes and limits. ``skipped``: what listing left out, for the
+    split whose manifest records it."""
+
+    def __init__(self, whole: ImageSource, images: Sequence[SourceImage],
+                 skipped: dict[str, int] | None = None) -> None:
+        super().__init__(whole.description, whole.limits)
+        self._whole = whole
+        self.images = list(images)
+        self.class_names = whole.class_names
+        self.skipped = dict(skipped or {})
+
+    def read(self, images: Sequence[SourceImage]) -> list[bytes]:
+        return self._whole.read(images)
+
+
 def open_source(src: str, storage_options: dict[str, Any] | None = None,
                 shuffle_seed: int | None = 0, limits: SourceLimits | None = None,
                 listing: bool = True) -> ImageSource:

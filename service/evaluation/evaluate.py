@@ -80,10 +80,10 @@ def run_evaluation(cfg: EvaluateConfig, *, device: torch.device | str | None = N
     from service.tracking import resolve_tracking_uri
 
     cfg.validate()
-    train_url, val_url = data_lib.resolve_data_urls(cfg.data)
+    train_url, val_url = data_lib.resolve_data_urls(cfg.data, cfg.storage)
     if not val_url:
         raise ConfigError("evaluation needs a labeled held-out split: set data.val_url "
-                          "(the embedded data set has one: leave data.url empty)")
+                          "(the embedded data set has one: leave data.url empty; jobs/prepare_data.py holds one out at <dest>/val)")
     train_set, val_set = data_lib.open_dataset(train_url, cfg.storage), data_lib.open_dataset(val_url, cfg.storage)
     for name, url, ds in (("data.url", train_url, train_set), ("data.val_url", val_url, val_set)):
         if not ds.has_labels:

@@ -46,10 +46,10 @@ def load_images(cfg: ReconstructConfig, img_size: int) -> torch.Tensor:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"inputs: cannot read image {url!r}: {exc}") from None
         return torch.stack(tensors)
-    train_url, val_url = data_lib.resolve_data_urls(cfg.data)
+    train_url, val_url = data_lib.resolve_data_urls(cfg.data, cfg.storage)
     url = val_url if cfg.split == "val" else train_url
     if not url:
-        raise ConfigError("split=val but the data set has no validation split: set data.val_url or split=train")
+        raise ConfigError("split=val but the data set has no validation split (no <data.url>/val): set data.val_url or split=train")
     batch = next(iter(data_lib.build_eval_loader(url, cfg.data, storage=cfg.storage, img_size=img_size, batch_size=cfg.images)), None)
     if batch is None:
         raise ConfigError(f"no decodable images in {url}")

@@ -69,6 +69,12 @@ def started_local_cluster() -> bool:
             and ray.get_runtime_context().gcs_address == _local_cluster["gcs_address"])
 
 
+# What to give instead when an address cannot be joined (often the dashboard's, which is for
+# `ray job submit`).
+JOIN_HINT = ("; a job joins a head's GCS address (host:port, printed by `ray start --head`), the dashboard's "
+             "http:// address is for `ray job submit`; unset both to start a local cluster")
+
+
 def _join_ray(address: str, key: str, timeout_s: float, kwargs: dict[str, Any]) -> None:
     """``ray.init(address=...)`` with a deadline.
 
@@ -101,7 +107,7 @@ def _join_ray(address: str, key: str, timeout_s: float, kwargs: dict[str, Any]) 
         exc = outcome[0]
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConfigError(f"{key}={redact_url(address)!r}: cannot join the Ray cluster there "
-                          f"({type(exc).__name__}: {detail})") from exc
+                          f"({type(exc).__name__}: {detail}){JOIN_HINT}") from exc
 
 
 def _require_listening(address: str, key: str, timeout_s: float) -> None:
@@ -121,7 +127,7 @@ def _require_listening(address: str, key: str, timeout_s: float) -> None:
             if time.monotonic() >= deadline:
                 raise ConfigError(f"{key}={redact_url(address)!r}: no Ray cluster there: nothing accepts connections "
                                   f"at {host}:{port} ({type(exc).__name__}: {exc}); start the cluster or fix the "
-                                  "address") from None
+                                  "address" + (JOIN_HINT if "://" in address else "")) from None
         time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 

@@ -48,7 +48,7 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
     from service.training.launch import absolute_url, fit_workers, open_launch, require_one_step
 
     cfg.validate()
-    train_url, val_url = (absolute_url(u) for u in data_lib.resolve_data_urls(cfg.data))
+    train_url, val_url = (absolute_url(u) for u in data_lib.resolve_data_urls(cfg.data, cfg.storage))
     train_set = data_lib.open_dataset(train_url, cfg.storage)
     require_one_step(train_set.num_samples, cfg, train_url)
     if not train_set.has_labels:

@@ -47,7 +47,7 @@ def run_pretraining(
     from service.training.pretrain_worker import train_worker
 
     cfg.validate()
-    train_url, val_url = (absolute_url(u) for u in data_lib.resolve_data_urls(cfg.data))
+    train_url, val_url = (absolute_url(u) for u in data_lib.resolve_data_urls(cfg.data, cfg.storage))
     train_set = data_lib.open_dataset(train_url, cfg.storage)  # a missing bucket fails here, not in a worker
     require_one_step(train_set.num_samples, cfg, train_url)
     if val_url:

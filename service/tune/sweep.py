@@ -118,10 +118,10 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
 
     cfg.validate()
     dims = parse_space(cfg)
-    train_url, val_url = (absolute_url(u) for u in data_lib.resolve_data_urls(cfg.data))
+    train_url, val_url = (absolute_url(u) for u in data_lib.resolve_data_urls(cfg.data, cfg.storage))
     if not val_url:
         raise ConfigError("sweeps compare trials on a held-out split: set data.val_url "
-                          "(the embedded data set has one when data.url is empty)")
+                          "(the embedded data set has one when data.url is empty; jobs/prepare_data.py holds one out at <dest>/val)")
     require_one_step(data_lib.open_dataset(train_url, cfg.storage).num_samples, cfg, train_url)
     val_has_labels = data_lib.open_dataset(val_url, cfg.storage).has_labels
     metric, mode = resolve_objective(cfg, val_has_labels)

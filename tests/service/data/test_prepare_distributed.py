@@ -51,6 +51,15 @@ def test_a_rerun_rewrites_only_the_range_that_lost_a_shard(ray_cluster, make_ima
     assert read_everything(str(out)) == folder_contents(src)  # whole, and checksums hold
 
 
+def test_two_workers_hold_out_the_same_validation_split(ray_cluster, make_image_folder, tmp_path):
+    src = make_image_folder(classes=2, per_class=15)
+    prepare_dataset(str(src), str(tmp_path / "single"), val_fraction=0.2, **SMALL_SHARDS)
+    spread = prepare_distributed(str(src), str(tmp_path / "spread"), workers=2, val_fraction=0.2, **SMALL_SHARDS)
+    for split in ("", "/val"):
+        assert read_everything(f"{tmp_path}/spread{split}") == read_everything(f"{tmp_path}/single{split}")
+    assert spread["extra"]["val_images"] == len(read_everything(f"{tmp_path}/spread/val")) > 0
+
+
 def test_cli_workers_and_ray_address(ray_cluster, make_image_folder, tmp_path, capsys):
     # In-process, on the session's cluster (connect_ray joins the one this process has).
     from jobs.prepare_data import main

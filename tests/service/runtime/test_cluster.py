@@ -133,3 +133,14 @@ def test_gpu_settings_a_cpu_cluster_cannot_honour_are_refused_naming_the_key(ray
                                               r"dist.offload_optimizer=false for CPU training$"):
             resolve_use_gpu(cfg)
         assert resolve_use_gpu(with_overrides(cfg, {"dist.offload_optimizer": False})) is False
+
+
+def test_an_address_to_join_that_is_not_a_gcs_is_one_line_with_the_fix(ray_tmpdir):
+    # The dashboard's http:// address (what `ray job submit` takes) exported for a direct run.
+    code = "from service.runtime.cluster import connect_ray; connect_ray('http://127.0.0.1:8265')"
+    done = subprocess.run([sys.executable, "-c", code], env=probe_env(ray_tmpdir), capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "ConfigError: dist.ray_address='http://127.0.0.1:8265'" in last
+    assert "GCS address (host:port, printed by `ray start --head`)" in last and "ray job submit" in last
