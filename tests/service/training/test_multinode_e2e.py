@@ -211,3 +211,40 @@ def test_a_two_node_run_trains_one_worker_per_node_and_refuses_node_local_storag
     assert set(nodes_by_rank.values()) == {node.node_id for node in cluster.workers}  # one per node
     _, run = mlflow_run(mlflow_server, "two-nodes")
     assert run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_sweep_spreads_its_trials_over_nodes_and_a_lost_node_costs_its_trial_a_resume(
+        multinode_cluster: MultiNodeCluster, s3_bucket, mlflow_server, digits_dir, tmp_path):
+    cluster = multinode_cluster
+    cluster.add_worker_node()  # 2 trials of 1 worker each, and a spare node
+    train_url, val_url = upload_digits(digits_dir, s3_bucket)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        "sweep:\n  name: spread\n  space:\n    train.blr: grid [1.5e-3, 3.0e-3]\n  scheduler: fifo\n"
+        f"  objective: val/recon_loss\n  driver_cpus: 0\n  storage_path: {s3_bucket}/sweeps\n")
+    seen_log, log_path = tmp_path / "seen.jsonl", tmp_path / "job.log"
+    args = ["--config", str(config), *job_args(s3_bucket, train_url, val_url, mlflow_server, None, **{
+        "dist.num_workers": 1, "dist.max_failures": 1, "checkpoint.every_steps": 10, "train.max_steps": 40,
+        "checkpoint.storage_path": None, "mlflow.experiment": "multinode-sweep"})]
+    job = cluster.start_job("tune.py", args, log_path, {"CONVMAE_SEEN_KEYS_LOG": str(seen_log)})
+    try:
+        # Both trials train, each on a node of its own; one loses its node after a checkpoint.
+        wait_for(lambda: len({e["attempt"] for e in read_seen(seen_log) if e["step"] > 12}) >= 2, 900,
+                 "both trials past their first checkpoint", job, log_path)
+        seen = read_seen(seen_log)
+        nodes_by_process = {e["attempt"]: e["node"] for e in seen}
+        assert len(set(nodes_by_process.values())) == len(nodes_by_process) == 2  # one trial per node
+        lost_process = seen[-1]["attempt"]
+        cluster.kill_node(next(n for n in cluster.workers if n.node_id == nodes_by_process[lost_process]))
+    finally:
+        out = finish(job, log_path)
+
+    assert "resumed from" in out  # the lost trial went on from its checkpoint
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("multinode-sweep").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("convmae.trial_id")]
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    for trial in trials:
+        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "train/loss")]
+        assert sorted(steps) == list(range(1, 41))  # each step once, the lost trial's too
