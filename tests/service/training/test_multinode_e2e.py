@@ -24,6 +24,7 @@ from tests.fixtures.multinode_cluster import (
     job_args,
     read_seen,
     redone_steps,
+    running_multinode_cluster,
     upload_digits,
     wait_for,
 )
@@ -215,14 +216,20 @@ def test_a_two_node_run_trains_one_worker_per_node_and_refuses_node_local_storag
 
 @pytest.mark.slow
 def test_a_sweep_spreads_its_trials_over_nodes_and_a_lost_node_costs_its_trial_a_resume(
-        multinode_cluster: MultiNodeCluster, s3_bucket, mlflow_server, digits_dir, tmp_path):
-    cluster = multinode_cluster
-    cluster.add_worker_node()  # 2 trials of 1 worker each, and a spare node
+        s3_bucket, mlflow_server, digits_dir, tmp_path):
+    # The trials' drivers (sweep.driver_cpus 0.25 each) fit on the head; each trial's 1-CPU
+    # worker needs a worker node of its own; two spare nodes.
+    with running_multinode_cluster(worker_nodes=4, head_cpus=0.5) as cluster:
+        sweep_loses_a_node(cluster, s3_bucket, mlflow_server, digits_dir, tmp_path)
+
+
+def sweep_loses_a_node(cluster: MultiNodeCluster, s3_bucket: str, mlflow_server: str, digits_dir: Path,
+                       tmp_path: Path) -> None:
     train_url, val_url = upload_digits(digits_dir, s3_bucket)
     config = tmp_path / "sweep.yaml"
     config.write_text(
         "sweep:\n  name: spread\n  space:\n    train.blr: grid [1.5e-3, 3.0e-3]\n  scheduler: fifo\n"
-        f"  objective: val/recon_loss\n  driver_cpus: 0\n  storage_path: {s3_bucket}/sweeps\n")
+        f"  objective: val/recon_loss\n  storage_path: {s3_bucket}/sweeps\n")
     seen_log, log_path = tmp_path / "seen.jsonl", tmp_path / "job.log"
     args = ["--config", str(config), *job_args(s3_bucket, train_url, val_url, mlflow_server, None, **{
         "dist.num_workers": 1, "dist.max_failures": 1, "checkpoint.every_steps": 10, "train.max_steps": 40,
