@@ -39,7 +39,7 @@ def _report(result, config: EvaluateConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    example = ("python jobs/evaluate.py --model models:/convmae-tiny@champion --knn_k 20\n"
+    example = ("python jobs/evaluate.py --model models:/convmae_tiny-64px-digits@best-sweep-tiny-mask-lr --knn_k 20\n"
                "  python jobs/evaluate.py --model random:convmae_tiny:64      # untrained baseline")
     return run_job("evaluate.py", __doc__, EvaluateConfig, example, _evaluate, _report, argv)
 

@@ -5,8 +5,8 @@ with layer-wise lr decay, drop path, Mixup/CutMix, label smoothing, warmup + cos
 Tracked in MLflow (params, train/loss, val/top1 per epoch, val/top1 at step 0 before any
 update) and registered like pretraining; models:/ then loads it as a classifier.
 
-With no flags it fine-tunes models:/convmae/latest (what jobs/pretrain.py registers) on the
-embedded digits on a local Ray cluster, with ./mlruns.db. --model takes the same sources as
+With no flags it fine-tunes models:/convmae_tiny-96px-digits/latest (what jobs/pretrain.py
+registers with no flags) on the embedded digits on a local Ray cluster, with ./mlruns.db. --model takes the same sources as
 jobs/evaluate.py (an official ConvMAE .pth file or URL too).
 """
 
@@ -39,7 +39,7 @@ def _report(result, config: FinetuneConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    example = "python jobs/finetune.py --config jobs/configs/finetune_tiny_cpu.yaml --model models:/convmae-tiny/1"
+    example = "python jobs/finetune.py --config jobs/configs/finetune_tiny_cpu.yaml --model models:/convmae_tiny-96px-digits/1"
     return run_job("finetune.py", __doc__, FinetuneConfig, example, _finetune, _report, argv)
 
 

@@ -3,12 +3,18 @@
     python jobs/prepare_data.py ~/imagenet/train s3://bucket/imagenet/train --shard-size 256MB
     python jobs/prepare_data.py photos.tar.gz /data/photos --endpoint-url http://minio:9000
     python jobs/prepare_data.py ~/imagenet/train /data/in1k-512 --max-side 512
+    python jobs/prepare_data.py s3://raw/imagenet s3://bucket/in1k --workers auto --dist.ray_address auto
 
 SRC: an ImageNet-layout folder (class/xxx.JPEG: labeled), a flat folder (unlabeled), or one
 .tar/.tar.gz/.tgz/.zip archive, local or remote. DEST gets shard-NNNNNN.tar files and
 manifest.json, which is written last. Re-running with the same SRC and DEST resumes.
 --max-side N stores images whose shorter side exceeds N scaled down to N (re-encoded; the
 manifest records N and how many): less to read and decode per epoch.
+Untrusted input is bounded: unsafe member names, links out of SRC, images over
+--max_image_bytes (64MB), zip bombs, deep tar nesting and JPEGs cut short or of too many
+scans are skipped, warned about and counted in the manifest.
+--workers N packs with N Ray tasks at a time over ranges of SRC (0/auto: the cluster's CPUs;
+1, the default: this process alone); each range resumes on its own.
 Credentials come from the standard AWS_* environment variables and are never printed.
 """
 
@@ -28,13 +34,15 @@ ALIASES = {"endpoint_url": "storage.endpoint_url", "region": "storage.region", "
 
 
 def _prepare(config: PrepareDataConfig) -> dict:
-    from service.data import storage_options
-    from service.data.prepare import prepare_dataset
+    from service.data.sources import SourceLimits
+    from service.runtime.preparation import prepare_distributed
 
-    return prepare_dataset(config.src, config.dest, shard_bytes=config.shard_bytes,
-                           storage_options=storage_options(config.storage),
-                           samples_per_shard=config.samples_per_shard, shuffle_seed=config.shuffle_seed,
-                           overwrite=config.overwrite, max_side=config.max_side)
+    limits = SourceLimits(max_image_bytes=config.image_bytes_limit,
+                          max_expansion_ratio=config.max_expansion_ratio, max_nesting=config.max_nesting)
+    return prepare_distributed(config.src, config.dest, workers=config.num_workers, storage=config.storage,
+                               ray_address=config.dist.ray_address, shard_bytes=config.shard_bytes,
+                               samples_per_shard=config.samples_per_shard, shuffle_seed=config.shuffle_seed,
+                               overwrite=config.overwrite, max_side=config.max_side, limits=limits)
 
 
 def _report(manifest: dict, config: PrepareDataConfig) -> int:

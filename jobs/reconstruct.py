@@ -35,7 +35,7 @@ def _report(result, config: ReconstructConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    example = ("python jobs/reconstruct.py --model models:/convmae-tiny/1 --images 8 --out grid.png "
+    example = ("python jobs/reconstruct.py --model models:/convmae_tiny-96px-digits/1 --images 8 --out grid.png "
                "--mask_ratio 0.75 --seed 0")
     return run_job("reconstruct.py", __doc__, ReconstructConfig, example, _reconstruct, _report, argv)
 

@@ -6,12 +6,21 @@ import argparse
 import logging
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from service.config import ConfigError, dump_yaml, flatten, load_config, parse_cli_overrides
+from service.config import (
+    ConfigError,
+    dump_yaml,
+    flatten,
+    key_docs,
+    load_config,
+    parse_cli_overrides,
+    redact_text,
+)
 from service.config.locations import resolve_locations
 
 C = TypeVar("C")
@@ -19,14 +28,25 @@ R = TypeVar("R")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
+    """The job's log format, quieter third-party loggers, and redaction of every message."""
+    from service.runtime.logs import install_redaction, quiet_known_noise
+
+    install_redaction()
+    quiet_known_noise()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("urllib3", "botocore", "s3fs", "aiobotocore", "alembic", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def overrides_help(config_cls: type, aliases: Mapping[str, str] | None = None) -> str:
-    keys = flatten(config_cls())
-    lines = [f"  --{k} {v!r}" for k, v in keys.items()]
+    """Every config key with its default and what it does (from its comment in the source)."""
+    docs = key_docs(config_cls)
+    lines = []
+    for key, default in flatten(config_cls()).items():
+        lines.append(f"  --{key} {default!r}")
+        doc = docs.get(key) or next((d for k, d in docs.items() if key.startswith(k + ".")), "")
+        lines += textwrap.wrap(doc, 96, initial_indent="      ", subsequent_indent="      ",
+                               break_on_hyphens=False)
     text = "config keys (override any with --KEY VALUE; defaults shown):\n" + "\n".join(lines)
     if aliases:
         text += "\n\nshort forms:\n" + "\n".join(f"  --{a.replace('_', '-')} VALUE  =  --{k} VALUE"
@@ -62,7 +82,7 @@ def parse_config(parser: argparse.ArgumentParser, config_cls: type[C], argv: Seq
         overrides.update({key: getattr(args, key) for key in positionals if getattr(args, key) is not None})
         config = resolve_locations(load_config(config_cls, args.config, overrides))
     except ConfigError as exc:
-        parser.exit(2, f"{parser.prog}: error: invalid config: {exc}\n")
+        parser.exit(2, f"{parser.prog}: error: invalid config: {redact_text(str(exc))}\n")
     if args.print_config:
         sys.stdout.write(dump_yaml(config))
         parser.exit(0)
@@ -70,7 +90,8 @@ def parse_config(parser: argparse.ArgumentParser, config_cls: type[C], argv: Seq
 
 
 def report_config_error(parser: argparse.ArgumentParser, exc: Exception) -> Any:
-    parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    """Exits 2 with one line naming the bad input (any URL's password removed)."""
+    parser.exit(2, f"{parser.prog}: error: {redact_text(str(exc))}\n")
 
 
 def run_job(
@@ -86,19 +107,27 @@ def run_job(
     aliases: Mapping[str, str] | None = None,
 ) -> int:
     """What every job does: parse and validate its config (exit 2 on a bad one), run, and print
-    the result; bad input found while running (a missing bucket, an unloadable model) also
-    exits 2 with one line naming it, instead of a traceback."""
+    the result; bad input found while running (a missing bucket, an unloadable model, a damaged
+    shard found by a Ray Train worker) also exits 2 with one line naming it, instead of a
+    traceback."""
     parser = build_parser(prog, description, config_cls, example, positionals=positionals, aliases=aliases)
     _, config = parse_config(parser, config_cls, argv, positionals=positionals, aliases=aliases)
     setup_logging()
-    from service.job_errors import USER_ERRORS
+    from service.job_errors import user_error_behind
 
     try:
         with sigterm_as_interrupt():
             result = run(config)
-    except USER_ERRORS as exc:
-        report_config_error(parser, exc)
-    return report(result, config)
+    except Exception as exc:
+        # Also when Ray wraps it: bad input found in a worker or a sweep's trial.
+        error = user_error_behind(exc)
+        if error is None:
+            raise
+        report_config_error(parser, error)
+    from service.runtime.logs import redacted_stdout
+
+    with redacted_stdout():
+        return report(result, config)
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from convmae.configs import LIMITS
 from service.config.schema import ConfigError, check
 from service.config.sections import (
     DECODE_MODES,
@@ -30,16 +31,35 @@ from service.config.sections import (
     TrainConfig,
 )
 
+# Parts of a data URL that name a split or layout rather than the data set.
+_GENERIC_DATA_PARTS = {"train", "training", "shards", "data", "images", "val", "validation"}
+
+
+def pretrained_model_name(model: ModelConfig, data_url: str) -> str:
+    """The registry name of a pretrained model that says what it holds: preset, image size and
+    data set (``convmae_tiny-96px-digits``; ``s3://bucket/imagenet/train`` gives ``imagenet``)."""
+    if not data_url:
+        data = "digits"  # the embedded data set
+    else:
+        parts = [p for p in data_url.split("://")[-1].split("/") if p and p.lower() not in _GENERIC_DATA_PARTS]
+        data = re.sub(r"[^A-Za-z0-9_.-]+", "-", parts[-1] if parts else "").strip("-.") or "data"
+    return f"{model.name}-{model.img_size}px-{data}"
+
+
 # What `python jobs/pretrain.py` registers by default, in the default local MLflow store.
-DEFAULT_MODEL = "models:/convmae/latest"
+DEFAULT_MODEL = f"models:/{pretrained_model_name(ModelConfig(), '')}/latest"
 RECONSTRUCT_SPLITS = ("val", "train")
+RECONSTRUCT_STATS = ("visible", "target")  # convmae.reconstruct's
+# The image sizes the model takes (convmae.configs.LIMITS): larger ones would allocate position
+# embeddings and attention no machine holds.
+IMG_SIZE_LIMITS = LIMITS["img_size"]
 
 
 @dataclass(frozen=True)
 class TrainingJobConfig:
     """What every job that trains on Ray Train workers has."""
 
-    run_name: str = "convmae-run"
+    run_name: str = "convmae-run"  # the run's checkpoint folder and MLflow run name; the same name resumes it
     data: DataConfig = field(default_factory=DataConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
@@ -82,6 +102,10 @@ class PretrainConfig(TrainingJobConfig):
         validate_pretrain(self)
         return self
 
+    def registered_name(self) -> str:
+        """``mlflow.registered_model_name``, or the name that says what the model holds."""
+        return self.mlflow.registered_model_name or pretrained_model_name(self.model, self.data.url)
+
 
 @dataclass(frozen=True)
 class FinetuneConfig(TrainingJobConfig):
@@ -93,7 +117,7 @@ class FinetuneConfig(TrainingJobConfig):
     model_preset: str = ""  # preset of a config-less checkpoint; empty: inferred from its shapes
     img_size: int = 0  # 0: the pretrained model's (position embeddings are interpolated otherwise)
     num_classes: int = 0  # 0: the training data's number of classes
-    drop_path: float = 0.1
+    drop_path: float = 0.1  # stochastic depth rate of the fine-tuned encoder
     global_pool: bool = True  # classify the mean of the tokens (the paper's setting)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     mlflow: MLflowConfig = field(default_factory=lambda: MLflowConfig(
@@ -114,13 +138,13 @@ class EvaluateConfig:
     seed: int = 0  # initialisation seed of random: models (0 = the pretraining's default start)
     data: DataConfig = field(default_factory=DataConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    batch_size: int = 64
+    batch_size: int = 64  # images per forward pass
     knn_k: int = 20  # 0 turns k-NN off
-    knn_temperature: float = 0.07
+    knn_temperature: float = 0.07  # temperature of the k-NN's similarity-weighted vote
     train_samples: int = 20_000  # features drawn from the train split (k-NN bank, probe fit)
-    linear_probe: bool = True
-    probe_weight_decay: float = 1e-4
-    probe_max_iter: int = 500
+    linear_probe: bool = True  # also fit a linear classifier on the frozen features
+    probe_weight_decay: float = 1e-4  # L2 strength of the linear probe
+    probe_max_iter: int = 500  # iterations of the probe's solver
     mask_ratio: float = 0.75  # fixed ratio of the reconstruction loss
     tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else ./mlruns.db
     log_to_run: bool = True  # log the metrics on the model's MLflow run (models:/, runs:/)
@@ -134,6 +158,7 @@ class EvaluateConfig:
         check(self.train_samples >= 1, "train_samples", self.train_samples, ">= 1")
         check(self.probe_weight_decay >= 0, "probe_weight_decay", self.probe_weight_decay, ">= 0")
         check(self.probe_max_iter >= 1, "probe_max_iter", self.probe_max_iter, ">= 1")
+        check_seed("seed", self.seed)
         check(0.0 < self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "0 < mask_ratio < 1")
         check(self.data.loader_workers >= 0, "data.loader_workers", self.data.loader_workers, ">= 0")
         validate_max_pixels(self.data)
@@ -149,10 +174,14 @@ class ReconstructConfig:
     model_preset: str = ""  # preset of a config-less checkpoint; empty: inferred from its shapes
     img_size: int = 0  # random: models only (0: the preset's)
     images: int = 8  # how many rows
-    out: str = "reconstructions.png"
-    mask_ratio: float = 0.75
+    out: str = "reconstructions.png"  # the PNG written
+    mask_ratio: float = 0.75  # fraction of tokens masked
     seed: int = 0  # the masks (and a random: model's weights)
     scale: int = 4  # nearest-neighbour upscaling of the whole grid (small images stay visible)
+    # How masked patches are drawn from a norm_pix_loss model's output: visible (with the
+    # statistics of the image's visible patches: only what the model made is shown) or target
+    # (with each masked patch's own, as MAE's demos: its brightness comes from the image).
+    stats: str = "visible"
     split: str = "val"  # which split of the data set: val (data.val_url) or train (data.url)
     inputs: str = ""  # comma-separated image files or URLs to use instead of the data set
     data: DataConfig = field(default_factory=DataConfig)
@@ -166,10 +195,21 @@ class ReconstructConfig:
         check(bool(self.out) and self.out.lower().endswith(".png"), "out", self.out, "a path ending in .png")
         check(0.0 < self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "0 < mask_ratio < 1")
         check(1 <= self.scale <= 32, "scale", self.scale, "1..32")
+        check_seed("seed", self.seed)
         check(self.split in RECONSTRUCT_SPLITS, "split", self.split, f"one of {', '.join(RECONSTRUCT_SPLITS)}")
+        check(self.stats in RECONSTRUCT_STATS, "stats", self.stats, f"one of {', '.join(RECONSTRUCT_STATS)}")
         validate_max_pixels(self.data)
         validate_storage(self.storage)
         return self
+
+
+@dataclass(frozen=True)
+class PrepareClusterConfig:
+    """The ``dist`` keys of data preparation: where its Ray cluster is."""
+
+    # None: join RAY_ADDRESS if set, else start a local cluster on 127.0.0.1; "local" forces
+    # the latter (as the training jobs' dist.ray_address). Used when workers is not 1.
+    ray_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,11 +223,32 @@ class PrepareDataConfig:
     # Store images at most this size: one whose shorter side exceeds it is scaled down (aspect
     # kept) to that shorter side and re-encoded in its format; null stores every image as is.
     max_side: int | None = None
+    # Untrusted sources: an image file or archive member larger than this is skipped and
+    # counted (64MB; an ImageNet JPEG is ~110KB), so is a zip member that would expand more
+    # than max_expansion_ratio times (a zip bomb), and a tar nested deeper than max_nesting.
+    max_image_bytes: str = "64MB"
+    max_expansion_ratio: float = 100.0
+    max_nesting: int = 8
+    # Processes that pack at once, as Ray tasks over ranges of the source: 1 packs in this
+    # process (no Ray); 0 or auto: one per CPU of the cluster (dist.ray_address). Resume with
+    # the same number: the ranges depend on it.
+    workers: str = "1"
     storage: StorageConfig = field(default_factory=StorageConfig)
+    dist: PrepareClusterConfig = field(default_factory=PrepareClusterConfig)
+
+    @property
+    def num_workers(self) -> int | None:
+        """``workers`` as a count; None: the cluster's CPUs."""
+        text = str(self.workers).strip().lower()
+        return None if text in ("auto", "0") else int(text)
 
     @property
     def shard_bytes(self) -> int:
         return parse_size(self.shard_size)
+
+    @property
+    def image_bytes_limit(self) -> int:
+        return parse_size(self.max_image_bytes)
 
     def validate(self) -> PrepareDataConfig:
         check(bool(self.src), "src", self.src, "an image folder or archive (path or URL)")
@@ -200,6 +261,19 @@ class PrepareDataConfig:
               self.samples_per_shard, ">= 1 or null")
         check(self.max_side is None or self.max_side >= 16, "max_side", self.max_side,
               ">= 16 pixels (e.g. 512), or null to store images as they are")
+        try:
+            check(self.image_bytes_limit >= 1, "max_image_bytes", self.max_image_bytes, ">= 1 byte (e.g. 64MB)")
+        except ValueError as exc:
+            raise ConfigError(f"max_image_bytes={self.max_image_bytes!r} is not allowed: {exc}") from None
+        check(self.max_expansion_ratio >= 1, "max_expansion_ratio", self.max_expansion_ratio, ">= 1 (e.g. 100)")
+        check(self.max_nesting >= 0, "max_nesting", self.max_nesting, ">= 0 (0: no tar read inside a tar)")
+        allowed_workers = "a number of processes >= 1, or 0 / auto for the cluster's CPUs"
+        try:
+            check(self.num_workers is None or self.num_workers >= 1, "workers", self.workers, allowed_workers)
+        except ValueError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"workers={self.workers!r} is not allowed: {allowed_workers}") from None
         validate_storage(self.storage)
         return self
 
@@ -230,8 +304,9 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     check(0.0 < t.eval_mask_ratio < 1.0, "train.eval_mask_ratio", t.eval_mask_ratio, "0 < ratio < 1")
     if m.name in PRESETS:
         patch = PRESETS[m.name]().patch_size
-        check(m.img_size >= patch and m.img_size % patch == 0, "model.img_size", m.img_size,
-              f"a positive multiple of {patch} (the patch size of {m.name})")
+        low, high = patch, IMG_SIZE_LIMITS[1] // patch * patch
+        check(low <= m.img_size <= high and m.img_size % patch == 0, "model.img_size", m.img_size,
+              f"a multiple of {patch} (the patch size of {m.name}) in {low}..{high}")
         # The encoder must see at least one patch: int(L * (1 - ratio)) >= 1.
         patches = (m.img_size // patch) ** 2
         for key, ratio in (("model.mask_ratio", m.mask_ratio), ("train.eval_mask_ratio", t.eval_mask_ratio)):
@@ -294,6 +369,7 @@ def validate_optimization(t: OptimConfig) -> None:
     check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
     check(t.val_every_epochs >= 1, "train.val_every_epochs", t.val_every_epochs, ">= 1")
     check(t.profile_steps >= 0, "train.profile_steps", t.profile_steps, ">= 0 (0: no trace)")
+    check_seed("train.seed", t.seed)
 
 
 def validate_run(cfg: TrainingJobConfig) -> None:
@@ -363,5 +439,17 @@ def validate_model_source_keys(cfg: Any) -> None:
     check(bool(cfg.model.strip()), "model", cfg.model, "a model URI, path, URL or random:PRESET[:IMG_SIZE]")
     check(not cfg.model_preset or cfg.model_preset in PRESETS, "model_preset", cfg.model_preset,
           f"empty or one of {', '.join(sorted(PRESETS))}")
-    check(cfg.img_size == 0 or (cfg.img_size >= 16 and cfg.img_size % 16 == 0), "img_size", cfg.img_size,
-          "0 (the model's own) or a positive multiple of 16")
+    high = IMG_SIZE_LIMITS[1] // 16 * 16
+    check(cfg.img_size == 0 or (16 <= cfg.img_size <= high and cfg.img_size % 16 == 0), "img_size", cfg.img_size,
+          f"0 (the model's own) or a multiple of 16 in 16..{high}")
+
+
+# torch.manual_seed takes 64-bit seeds; the largest signed one leaves room for the per-rank
+# offsets the workers add (fine-tuning seeds rank r with seed + 1 + r).
+MAX_TORCH_SEED = 2**63 - 1
+# numpy's RandomState (Tune's random and grid searchers, Optuna's TPE) takes 32-bit seeds.
+MAX_NUMPY_SEED = 2**32 - 1
+
+
+def check_seed(key: str, value: int, high: int = MAX_TORCH_SEED) -> None:
+    check(0 <= value <= high, key, value, f"a whole number in 0..{high} (2**{high.bit_length()} - 1)")

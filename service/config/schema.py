@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import re
+import textwrap
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -117,6 +118,27 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        tp = _is_optional(_resolved_types(cls)[f.name])[1]
+        keys += _dotted_keys(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [prefix + f.name]
+    return keys
+
+
+def _closest_key(cls: type, key: str, prefix: str) -> str | None:
+    """The known dotted key a mistyped ``key`` (found under ``prefix``) most likely meant: a
+    close spelling, or a key of the same name in another section (``--lr`` for ``train.lr``)."""
+    import difflib
+
+    keys = _dotted_keys(cls, prefix)
+    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == key]
+    if same_name:
+        return same_name[0]
+    close = difflib.get_close_matches(prefix + key, keys, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
     """Builds a config dataclass from a nested mapping; unknown keys are errors."""
     if not isinstance(data, Mapping):
@@ -126,9 +148,10 @@ def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
     unknown = sorted(set(data) - names)
     if unknown:
         where = prefix.rstrip(".") or "top level"
+        hints = [f"{prefix}{k}: did you mean {guess}?" for k in unknown if (guess := _closest_key(cls, k, prefix))]
         raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)} at {where}; "
-            f"allowed: {', '.join(sorted(names))}"
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)} at {where}"
+            + (f" ({'; '.join(hints)})" if hints else "") + f"; allowed: {', '.join(sorted(names))}"
         )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
@@ -153,9 +176,19 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+# A URL's ``user:password@`` anywhere in a text: greedy up to the authority's last ``@``, so a
+# password with an unescaped ``@`` goes whole.
+_URL_USERINFO = re.compile(r"\b([a-zA-Z][\w+.-]*://)[^/\s'\"<>@]*(?:@[^/\s'\"<>@]*)*@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL's ``user:password@`` removed, for messages and logs."""
+    return _URL_USERINFO.sub(r"\1", text) if "@" in text else text
+
+
 def redact_url(url: str) -> str:
     """The URL without any ``user:password@`` part, for messages and logs."""
-    return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]*@", r"\1", url)
+    return redact_text(url)
 
 
 def redacted(config: Any) -> dict[str, Any]:
@@ -188,6 +221,56 @@ def flatten(config: Any, *, redact: bool = False) -> dict[str, Any]:
                 out[prefix + k] = v
 
     walk(redacted(config) if redact else to_dict(config), "")
+    return out
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """What each field of config dataclass ``cls`` (and its bases) means, from its comment in
+    the source: the comment on the field's line, else the comment lines right above it."""
+    import ast
+    import inspect
+    import io
+    import tokenize
+
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # no source (a frozen app): keys go without help
+            continue
+        comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                    for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+        lines = source.splitlines()
+        for node in ast.parse(source).body[0].body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            text = comments.get(node.end_lineno) if node.end_lineno in comments and \
+                lines[node.end_lineno - 1].lstrip()[:1] != "#" else None
+            if text is None:
+                above, line = [], node.lineno - 1
+                while line in comments and lines[line - 1].lstrip().startswith("#"):
+                    above.insert(0, comments[line])
+                    line -= 1
+                text = " ".join(above) or None
+            if text:
+                docs[node.target.id] = text
+    return docs
+
+
+def key_docs(config_cls: type) -> dict[str, str]:
+    """``{'train.lr': 'absolute lr; overrides blr when set', ...}`` for every dotted key of a
+    job's config that its source explains."""
+    out: dict[str, str] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(_resolved_types(cls)[f.name]):
+                walk(_resolved_types(cls)[f.name], f"{prefix}{f.name}.")
+            elif f.name in docs:
+                out[prefix + f.name] = docs[f.name]
+
+    walk(config_cls, "")
     return out
 
 

@@ -17,8 +17,8 @@ class ModelConfig:
     # digits (README, Quick start): at 32 px (2x2 tokens, one visible) pretraining lowered
     # k-NN below the random start; at 64 px (4 visible) reconstructions stayed noise longer.
     img_size: int = 96
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
+    mask_ratio: float = 0.75  # fraction of the H/16 token grid masked in pretraining (block-wise)
+    norm_pix_loss: bool = True  # reconstruct each patch's normalised pixels (the paper's loss)
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,10 @@ class DataConfig:
     # Held-out split for validation reconstruction loss / k-NN. Empty: the embedded val split
     # when url is empty, else no validation.
     val_url: str = ""
-    loader_workers: int = 2
-    shuffle_buffer: int = 512
-    min_crop_scale: float = 0.2
-    hflip: bool = True
+    loader_workers: int = 2  # loader processes decoding images for each training worker; 0: in the worker itself
+    shuffle_buffer: int = 512  # samples each loader mixes in its streaming shuffle buffer (more: better mixing, more memory)
+    min_crop_scale: float = 0.2  # smallest area fraction of the random resized crop
+    hflip: bool = True  # flip training images horizontally at random
     # Where the embedded data set is generated (relative to the working directory).
     embedded_dir: str = "convmae_data"
     # Images with more pixels (by their header) are skipped and counted, never decoded: one
@@ -69,20 +69,20 @@ class DataConfig:
 class OptimConfig:
     """The ``train.*`` keys of the optimizer, schedule and loop that every training job has."""
 
-    epochs: int = 2
-    batch_size_per_worker: int = 32
+    epochs: int = 2  # passes over the training data
+    batch_size_per_worker: int = 32  # images per worker per micro-step; effective batch = this x workers x grad_accum_steps
     blr: float = 1.5e-4  # lr = blr * effective_batch / 256
     lr: float | None = None  # absolute lr; overrides blr when set
-    min_lr: float = 0.0
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_accum_steps: int = 1
-    clip_grad: float | None = None
-    seed: int = 0
+    min_lr: float = 0.0  # floor of the cosine lr schedule
+    warmup_epochs: float = 1.0  # epochs of linear lr warm-up (fractions allowed)
+    weight_decay: float = 0.05  # AdamW weight decay (none on norms, biases, position embeddings, mask tokens)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's betas
+    grad_accum_steps: int = 1  # micro-batches whose gradients are summed into one optimizer step
+    clip_grad: float | None = None  # clip the global gradient norm at this value; null: no clipping
+    seed: int = 0  # seed of the initial weights, masks, shuffling and augmentation (a resumed run draws the same)
     max_steps: int | None = None  # stop early after this many optimizer steps (tests, smoke runs)
-    log_every_steps: int = 10
-    val_every_epochs: int = 1
+    log_every_steps: int = 10  # log training metrics (console and MLflow) every this many optimizer steps
+    val_every_epochs: int = 1  # validate every this many epochs
     profile_steps: int = 0  # rank 0 writes a torch.profiler trace of this many steps (an MLflow artifact)
 
 
@@ -117,21 +117,21 @@ class FinetuneTrainConfig(OptimConfig):
     cutmix: float = 1.0  # CutMix alpha; 0 turns it off
     mixup_prob: float = 1.0  # probability that a batch is mixed
     mixup_switch_prob: float = 0.5  # CutMix instead of Mixup, when both are on
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # label smoothing of the cross-entropy loss
     eval_before_training: bool = True  # score the fresh classifier first (val/top1 at step 0)
 
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    num_workers: int = 1
+    num_workers: int = 1  # Ray Train workers, one process each (and one GPU each with GPUs)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-    zero_stage: int = 2
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves for each worker (its loader processes run within them)
+    gpus_per_worker: float = 1.0  # GPUs Ray reserves for each worker when it uses GPUs
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 0 replicates everything; 1 shards optimizer states, 2 also gradients, 3 also weights
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool | None = None  # torch.compile the model; None: on with GPUs (CPU compiles take minutes)
-    offload_optimizer: bool = False
-    max_failures: int = 0
+    offload_optimizer: bool = False  # keep ZeRO's optimizer states in CPU memory (ZeRO 1-3)
+    max_failures: int = 0  # worker failures the run recovers from (from its last checkpoint) before it fails
     # Elastic runs: with fewer than num_workers placeable (a node lost, not yet back), go on with
     # as few as this many; the run grows back to num_workers when capacity returns. None: a fixed
     # size (num_workers), waiting for all of them. The global batch stays that of num_workers:
@@ -147,8 +147,8 @@ class DistributedConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     storage_path: str = "convmae_runs"  # local dir or s3://bucket/prefix
-    every_steps: int = 50
-    keep_last: int = 2
+    every_steps: int = 50  # save a checkpoint every this many optimizer steps
+    keep_last: int = 2  # checkpoints kept in the run's folder; older ones are deleted
     resume: bool = True  # continue from the latest checkpoint of the same run name
     # Upload checkpoints from a background thread while training goes on (one at a time);
     # false: training waits for each upload.
@@ -161,10 +161,13 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class MLflowConfig:
-    enabled: bool = True
+    enabled: bool = True  # track the job in MLflow; false: no tracking and nothing registered
     tracking_uri: str = ""  # empty: sqlite:///mlruns.db in the working directory
-    experiment: str = "convmae-pretrain"
-    registered_model_name: str = "convmae"
-    register: bool = True
-    recon_every_epochs: int = 1
-    system_metrics: bool = True
+    experiment: str = "convmae-pretrain"  # the MLflow experiment runs are logged under
+    # The model registry name the trained model is registered as; empty: named after what it
+    # holds, PRESET-SIZEpx-DATA (convmae_tiny-96px-digits for the zero-flag run), so that models
+    # of other presets, sizes or data sets never become versions of one another.
+    registered_model_name: str = ""
+    register: bool = True  # register the final model in the MLflow model registry
+    recon_every_epochs: int = 1  # log a reconstruction grid every this many epochs
+    system_metrics: bool = True  # log CPU, GPU and memory use with the run

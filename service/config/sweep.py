@@ -13,9 +13,11 @@ from typing import Any
 import yaml
 
 from service.config.jobs import (
+    MAX_NUMPY_SEED,
     SWEEP_NAME_MAX,
     PretrainConfig,
     check_path_component,
+    check_seed,
     validate_pretrain,
 )
 from service.config.schema import ConfigError, check, flatten, with_overrides
@@ -34,7 +36,7 @@ DEFAULT_SPACE = {"model.mask_ratio": "grid [0.5, 0.75]", "train.blr": "logunifor
 
 @dataclass(frozen=True)
 class SweepConfig:
-    name: str = "convmae-sweep"
+    name: str = "convmae-sweep"  # the sweep's folder under storage_path and its MLflow parent run; the same name resumes it
     # Dotted pretraining key -> "KIND [ARGS]": grid [v1, v2, ...], choice [v1, ...],
     # uniform [low, high], loguniform [low, high], randint [low, high] (inclusive).
     space: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SPACE))
@@ -44,11 +46,11 @@ class SweepConfig:
     objective: str = "auto"  # auto: val/knn_top1 on labeled data, else val/recon_loss
     scheduler: str = "asha"  # asha: stop bad trials early at epoch rungs; fifo: run every trial to the end
     grace_period: int = 1  # epochs every trial runs before ASHA may stop it
-    reduction_factor: int = 2
+    reduction_factor: int = 2  # ASHA keeps 1 in this many trials at each rung
     storage_path: str = "convmae_sweeps"  # local dir or s3://bucket/prefix
     resume: bool = True  # continue an interrupted sweep of the same name from its storage
     driver_cpus: float = 0.25  # CPU reserved for each trial's driver function
-    seed: int = 0
+    seed: int = 0  # seed of the searcher's draws: the same seed tries the same values
     alias: str = ""  # registry alias of the best model; empty: best-sweep-<name>
 
 
@@ -158,6 +160,7 @@ def validate_sweep(cfg: TuneJobConfig) -> None:
     check_sweep(s.reduction_factor >= 2, "reduction_factor", s.reduction_factor, ">= 2")
     check_sweep(s.driver_cpus >= 0, "driver_cpus", s.driver_cpus, ">= 0")
     check_sweep(bool(s.storage_path), "storage_path", s.storage_path, "a local path or URL")
+    check_seed("sweep.seed", s.seed, MAX_NUMPY_SEED)
     dims = parse_space(cfg)
     if s.searcher == "grid":
         continuous = [d.key for d in dims if d.kind not in ("grid", "choice")]

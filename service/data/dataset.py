@@ -230,7 +230,10 @@ def _why_no_manifest(fs: fsspec.AbstractFileSystem, root: str, shown: str) -> st
         return (f"{shown}: incomplete data set: shards are there but {MANIFEST_NAME} is not, so "
                 f"preparation was interrupted or is still running; re-run jobs/prepare_data.py "
                 f"with the same SRC and DEST to finish it")
-    return f"{shown}: not a prepared data set (no {MANIFEST_NAME}); {how}"
+    # A folder of images (or of class folders): shards go beside it, never into it.
+    dest = shown.rstrip("/") + "-shards"
+    return (f"{shown}: not a prepared data set (no {MANIFEST_NAME}); if it holds images, pack them with: "
+            f"python jobs/prepare_data.py {shown} {dest}, then use --data.url {dest}")
 
 
 def _check_shards_present(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest,

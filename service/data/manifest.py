@@ -14,6 +14,7 @@ a sample in the middle of a shard instead of reading up to it.
 from __future__ import annotations
 
 import json
+import tarfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,10 +23,18 @@ from service.data.errors import DataError
 MANIFEST_NAME = "manifest.json"
 FORMAT = "convmae-webdataset"
 VERSION = 1
+# Every sample is at least one tar member, and every member starts with a header block: a
+# shard's byte count (checked against storage when the data set is opened) bounds its samples.
+MIN_SAMPLE_BYTES = tarfile.BLOCKSIZE
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
+
+
+def range_shard_name(number: int, index: int) -> str:
+    """Shard ``index`` of range ``number`` of a preparation split into ranges."""
+    return f"shard-{number:05d}-{index:06d}.tar"
 
 
 def index_name(shard: str) -> str:
@@ -142,6 +151,10 @@ class Manifest:
             problems.append("it lists no shards")
         if any(s.num_samples < 1 for s in shards):
             problems.append("a shard has no samples")
+        problems += [f"shard {s.name} claims {s.num_samples} samples in {s.num_bytes} bytes, more than the "
+                     f"{max(0, s.num_bytes) // MIN_SAMPLE_BYTES} its bytes can hold (a sample takes at least "
+                     f"one {MIN_SAMPLE_BYTES}-byte tar block)"
+                     for s in shards if s.num_samples > max(0, s.num_bytes) // MIN_SAMPLE_BYTES][:3]
         if "num_samples" in raw and raw["num_samples"] != manifest.num_samples:
             problems.append(f"num_samples={raw['num_samples']} but the shards hold {manifest.num_samples}")
         if any("/" in s.name or s.name.startswith(".") for s in shards):

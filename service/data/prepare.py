@@ -4,6 +4,11 @@ Each shard is built in a local temporary file, uploaded, and then recorded by it
 ``manifest.json`` is written only after every shard is in place. Re-running with the same
 source and destination keeps the shards whose index files match the source and continues
 after them; a complete destination is left alone.
+
+Split into ranges (``num_ranges``, written by other processes: ``service.runtime.preparation``),
+the source's write order is cut into consecutive ranges, each written as its own shards
+(``shard-RRRRR-NNNNNN.tar``) and resumed on its own the same way; the manifest lists them in
+range order and is written last by the caller's process.
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ import io
 import logging
 import posixpath
 import re
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,16 +29,26 @@ import fsspec
 from PIL import Image
 
 from service.data.errors import DataError
+from service.data.jpeg import CorruptJpeg, check_jpeg_stream
 from service.data.manifest import (
     MANIFEST_NAME,
     Manifest,
     ShardIndex,
     ShardInfo,
     index_name,
+    range_shard_name,
     shard_name,
 )
+from service.data.scratch import scratch
 from service.data.shards import ShardWriter, sample_tar_bytes
-from service.data.sources import ImageSource, open_source, read_all
+from service.data.sources import (
+    ImageSource,
+    SourceImage,
+    SourceLimits,
+    is_splittable,
+    open_source,
+    read_all,
+)
 from service.data.storage import (
     check_writable,
     describe_error,
@@ -48,20 +63,25 @@ from service.data.storage import storage_options as default_storage_options
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
-_OUR_FILES = re.compile(r"^shard-(\d{6})\.(tar|index\.json)$")
+_OUR_FILES = re.compile(r"^shard-(\d{5}-)?\d{6}\.(tar|index\.json)$")
 
 
 def prepare_dataset(src: str, dest: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES,
                     storage_options: dict[str, Any] | None = None,
                     samples_per_shard: int | None = None, shuffle_seed: int | None = 0,
                     overwrite: bool = False, max_retries: int = 5,
-                    max_side: int | None = None) -> dict[str, Any]:
+                    max_side: int | None = None, limits: SourceLimits | None = None,
+                    num_ranges: int = 1, run_ranges: RangeRunner | None = None) -> dict[str, Any]:
     """Packs the image folder or archive at ``src`` into a shard data set at ``dest``.
 
     ``storage_options`` apply to remote URLs; None: :func:`service.data.storage_options` of
     a default config, i.e. the AWS_* environment variables. Shards close at ``shard_bytes`` (or ``samples_per_shard`` samples, if given).
     ``shuffle_seed=None`` keeps the source order. ``max_side``: see :func:`limit_side`.
-    Returns the manifest as a dict.
+    ``limits``: what one image may cost (``service.data.sources.SourceLimits``).
+    ``num_ranges`` > 1 splits the images into that many consecutive ranges, each written as
+    its own shards by ``run_ranges`` (several processes or machines; see
+    ``service.runtime.preparation``); a compressed tar is always one range. Returns the manifest
+    as a dict.
 
     Symlinks in a local ``src`` that leave it are refused (see ``service.data.sources``). A
     missing destination bucket is an error, never created. Storage errors (unreachable,
@@ -70,15 +90,18 @@ def prepare_dataset(src: str, dest: str, *, shard_bytes: int = DEFAULT_SHARD_BYT
     if storage_options is None:
         storage_options = default_storage_options()
     with storage_errors_named(src, "cannot read the source"):
-        source = open_source(src, storage_options, shuffle_seed)
+        source = open_source(src, storage_options, shuffle_seed, limits)
+    if num_ranges > 1 and not is_splittable(src):
+        log.warning("%s is a compressed tar, read front to back: prepared by one process", source.description)
+        num_ranges = 1
     try:
         with storage_errors_named(dest, "cannot write the data set"):
             return write_dataset(source, dest, shard_bytes=shard_bytes,
                                  storage_options=storage_options,
                                  samples_per_shard=samples_per_shard, overwrite=overwrite,
                                  max_retries=max_retries, max_side=max_side,
-                                 extra={"shuffle_seed": shuffle_seed,
-                                        **({"skipped": source.skipped} if source.skipped else {})})
+                                 extra={"shuffle_seed": shuffle_seed},
+                                 num_ranges=num_ranges, run_ranges=run_ranges, src=src)
     finally:
         source.close()
 
@@ -96,13 +119,61 @@ def storage_errors_named(url: str, doing: str) -> Iterator[None]:
         raise DataError(f"{redact_url(url)}: {doing} ({describe_error(exc)})") from None
 
 
+@dataclass(frozen=True)
+class RangeJob:
+    """One range of a source's images to write as shards: everything a process needs for it
+    (picklable; no credentials: a worker finds its own)."""
+
+    src: str
+    dest: str
+    number: int  # which range; its shards are named after it (one range: shard-NNNNNN.tar)
+    num_ranges: int
+    start: int  # position of images[0] in the source's write order
+    images: tuple[SourceImage, ...]
+    labeled: bool
+    shard_bytes: int
+    samples_per_shard: int | None
+    max_side: int | None
+    max_retries: int
+    limits: SourceLimits
+
+    def shard_name(self, index: int) -> str:
+        return shard_name(index) if self.num_ranges == 1 else range_shard_name(self.number, index)
+
+
+@dataclass(frozen=True)
+class RangeResult:
+    shards: tuple[ShardIndex, ...]
+    resized: int  # images scaled down (max_side) by this run
+
+
+# Writes the ranges of a preparation somewhere (other processes), in any order; returns their
+# results in the ranges' order.
+RangeRunner = Callable[[list[RangeJob]], list[RangeResult]]
+
+
+def plan_ranges(source: ImageSource, src: str, dest: str, num_ranges: int, **settings: Any) -> list[RangeJob]:
+    """``source``'s images in ``num_ranges`` consecutive ranges of near-equal length (fewer
+    when there are fewer images): the same ranges for the same listing and count."""
+    total = len(source.images)
+    count = max(1, min(num_ranges, total))
+    bounds = [total * i // count for i in range(count + 1)]
+    return [RangeJob(src=src, dest=dest, number=i, num_ranges=count, start=bounds[i],
+                     images=tuple(source.images[bounds[i]:bounds[i + 1]]),
+                     labeled=bool(source.class_names), limits=source.limits, **settings)
+            for i in range(count)]
+
+
 def write_dataset(source: ImageSource, dest: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES,
                   storage_options: dict[str, Any] | None = None,
                   samples_per_shard: int | None = None, overwrite: bool = False,
                   max_retries: int = 5, extra: dict[str, Any] | None = None,
-                  max_side: int | None = None) -> dict[str, Any]:
+                  max_side: int | None = None, num_ranges: int = 1,
+                  run_ranges: RangeRunner | None = None, src: str = "") -> dict[str, Any]:
     """Writes ``source``'s images, in its order, as a shard data set at ``dest``; with
-    ``max_side``, images are stored at most that size (:func:`limit_side`)."""
+    ``max_side``, images are stored at most that size (:func:`limit_side`). Images refused
+    when read (:func:`refusal`) are skipped, logged and counted in the manifest.
+    ``num_ranges``/``run_ranges``: see :func:`prepare_dataset`."""
     if shard_bytes < 4096:
         raise DataError(f"shard_bytes={shard_bytes} is not allowed: at least 4096")
     if samples_per_shard is not None and samples_per_shard < 1:
@@ -117,59 +188,107 @@ def write_dataset(source: ImageSource, dest: str, *, shard_bytes: int = DEFAULT_
     fs.invalidate_cache(root)
     total = len(source.images)
     if overwrite:
-        _remove_ours(fs, root, keep_below=0)
+        _remove_ours(fs, root, keep=set())
     else:
         existing = _complete_manifest(fs, root, shown)
         if existing is not None:
-            if existing.num_samples != total or existing.source != source.description:
+            listed = existing.extra.get("source_images", existing.num_samples)
+            if listed != total or existing.source != source.description:
                 raise DataError(f"{shown} already holds a complete data set of "
-                                f"{existing.num_samples} images from {existing.source!r}, not "
+                                f"{listed} images from {existing.source!r}, not "
                                 f"the {total} images of {source.description!r}; choose another "
                                 f"destination or overwrite it")
             log.info("%s is already complete (%d images in %d shards); nothing to do",
                      shown, existing.num_samples, existing.num_shards)
             return existing.to_dict()
-    done = _finished_shards(fs, root, source)
-    position = sum(index.info.num_samples for index in done)
-    if done:
-        log.info("%s: resuming after %d finished shards (%d/%d images)", shown, len(done),
-                 position, total)
-    labeled = bool(source.class_names)
-    started, written, resized = time.monotonic(), 0, 0
-    with tempfile.TemporaryDirectory(prefix="convmae-shard-") as tmp:
-        writer: ShardWriter | None = None
-        for image, data in read_all(source, position):
-            if max_side is not None:
-                stored = limit_side(data, max_side)
-                resized += stored is not data
-                data = stored
-            if writer is not None and (
-                writer.size_with(sample_tar_bytes(len(data), labeled)) > shard_bytes
-                or writer.num_samples == samples_per_shard
-            ):
-                done.append(_finish(writer, fs, root, shown, max_retries))
-                _log_progress(shown, done, total, written, started)
-                writer = None
-            if writer is None:
-                writer = ShardWriter(str(Path(tmp) / shard_name(len(done))))
-            writer.add(image.key, image.ext, data, image.label)
-            written += 1
-        if writer is not None:
-            done.append(_finish(writer, fs, root, shown, max_retries))
-            _log_progress(shown, done, total, written, started)
-    _remove_ours(fs, root, keep_below=len(done))
-    manifest = Manifest(shards=tuple(index.info for index in done),
+    jobs = plan_ranges(source, src, dest, num_ranges if run_ranges is not None else 1,
+                       shard_bytes=shard_bytes, samples_per_shard=samples_per_shard,
+                       max_side=max_side, max_retries=max_retries)
+    if len(jobs) > 1 and run_ranges is not None:
+        log.info("%s: %d images in %d ranges, written in parallel", shown, total, len(jobs))
+        results = run_ranges(jobs)
+    else:
+        results = [write_range(jobs[0], source, fs, root)]
+    shards = tuple(index for result in results for index in result.shards)
+    _remove_ours(fs, root, keep={name for index in shards
+                                 for name in (index.info.name, index_name(index.info.name))})
+    if not shards:
+        raise DataError(f"{source.description}: none of its {total} images could be read as an image "
+                        "(see the warnings above)")
+    skipped = dict(source.skipped)
+    refused = total - sum(index.info.num_samples for index in shards)
+    if refused:
+        skipped[REFUSED_WHEN_READ] = refused
+    manifest = Manifest(shards=tuple(index.info for index in shards),
                         num_classes=len(source.class_names), class_names=source.class_names,
                         source=source.description,
                         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         extra={"shard_bytes": shard_bytes, "samples_per_shard": samples_per_shard,
-                               **({"max_side": max_side, "resized_by_this_run": resized}
+                               **({"max_side": max_side,
+                                   "resized_by_this_run": sum(r.resized for r in results)}
                                   if max_side is not None else {}),
-                               **(extra or {})})
+                               **(extra or {}), "source_images": total,
+                               **({"skipped": skipped} if skipped else {})})
     _write_last(fs, posixpath.join(root, MANIFEST_NAME), manifest.to_json().encode())
     log.info("%s complete: %d images in %d shards", shown, manifest.num_samples,
              manifest.num_shards)
     return manifest.to_dict()
+
+
+REFUSED_WHEN_READ = "images refused when read (truncated or too many scans, over max_image_bytes)"
+
+
+def refusal(image: SourceImage, data: bytes, limits: SourceLimits) -> str | None:
+    """Why ``image`` (with its bytes ``data``) is not packed, or None: over the size bound
+    (a file that grew since listing, a member larger than its archive said), a JPEG cut short
+    or of too many scans (``service.data.jpeg.check_jpeg_stream``)."""
+    if len(data) > limits.max_image_bytes:
+        return f"over {limits.max_image_bytes} bytes (max_image_bytes)"
+    if image.ext == "jpg":
+        try:
+            check_jpeg_stream(data)
+        except CorruptJpeg as exc:
+            return str(exc)
+    return None
+
+
+def write_range(job: RangeJob, source: ImageSource, fs: fsspec.AbstractFileSystem,
+                root: str) -> RangeResult:
+    """Writes ``job``'s images, read from ``source``, as its shards under ``root``, after
+    those of its shards an earlier run finished (checked against the images)."""
+    shown = redact_url(job.dest)
+    done, position = _finished_shards(fs, root, job)
+    total = len(job.images)
+    if done:
+        log.info("%s: resuming after %d finished shards (%d/%d images)", shown, len(done),
+                 position, total)
+    started, written, resized = time.monotonic(), 0, 0
+    with scratch("shard") as tmp:
+        writer: ShardWriter | None = None
+        for image, data in read_all(source, job.images, position):
+            why = refusal(image, data, job.limits)
+            if why is not None:
+                log.warning("%s: skipped image %r: %s", source.description, image.key, why)
+                continue
+            if job.max_side is not None:
+                stored = limit_side(data, job.max_side)
+                resized += stored is not data
+                data = stored
+            if writer is not None and (
+                writer.size_with(sample_tar_bytes(len(data), job.labeled)) > job.shard_bytes
+                or writer.num_samples == job.samples_per_shard
+            ):
+                done.append(_finish(writer, fs, root, shown, job.max_retries))
+                _log_progress(shown, done, total, written, started)
+                writer = None
+            if writer is None:
+                writer = ShardWriter(str(Path(tmp) / job.shard_name(len(done))))
+            writer.add(image.key, image.ext, data, image.label)
+            written += 1
+        if writer is not None:
+            done.append(_finish(writer, fs, root, shown, job.max_retries))
+            _log_progress(shown, done, total, written, started)
+    return RangeResult(tuple(done), resized)
 
 
 # Re-encoding quality for lossy formats: visually lossless at training resolutions.
@@ -211,24 +330,27 @@ def _complete_manifest(fs: fsspec.AbstractFileSystem, root: str, shown: str) -> 
 
 
 def _finished_shards(fs: fsspec.AbstractFileSystem, root: str,
-                     source: ImageSource) -> list[ShardIndex]:
-    """Leading shards already written for this source in this order."""
+                     job: RangeJob) -> tuple[list[ShardIndex], int]:
+    """The range's leading shards already written for these images in this order, and the
+    position (in ``job.images``) of the first image after them. A shard's first and last keys
+    place it; images between them that it lacks were refused when read."""
+    position_of = {image.key: i for i, image in enumerate(job.images)}
     done: list[ShardIndex] = []
     position = 0
     while True:
-        name = shard_name(len(done))
+        name = job.shard_name(len(done))
         try:
             index = ShardIndex.from_json(fs.cat_file(posixpath.join(root, index_name(name))), name)
             size = fs.size(posixpath.join(root, name))
         except (FileNotFoundError, DataError):
-            return done
-        last = position + index.info.num_samples - 1
-        if (size != index.info.num_bytes or last >= len(source.images)
-                or source.images[position].key != index.first_key
-                or source.images[last].key != index.last_key):
+            return done, position
+        first = position_of.get(index.first_key, -1)
+        last = position_of.get(index.last_key, -1)
+        if (size != index.info.num_bytes or not position <= first <= last
+                or last - first + 1 < index.info.num_samples):
             log.warning("%s does not match the source (changed, or another order); rewriting "
                         "from it on", name)
-            return done
+            return done, position
         done.append(index)
         position = last + 1
 
@@ -261,21 +383,18 @@ def _write_last(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def _remove_ours(fs: fsspec.AbstractFileSystem, root: str, keep_below: int) -> None:
-    """Deletes this format's shard and index files numbered ``keep_below`` or more (left by an
+def _remove_ours(fs: fsspec.AbstractFileSystem, root: str, keep: set[str]) -> None:
+    """Deletes this format's shard and index files but those named in ``keep`` (left by an
     earlier run), plus the manifest when everything goes; nothing else is touched."""
     manifest = posixpath.join(root, MANIFEST_NAME)
-    if keep_below == 0 and fs.exists(manifest):
+    if not keep and fs.exists(manifest):
         fs.rm_file(manifest)  # first, so a half-deleted data set never looks complete
     try:
         listed = fs.ls(root, detail=False)
     except FileNotFoundError:  # an object-store prefix with nothing in it yet
         return
-    doomed = []
-    for path in listed:
-        match = _OUR_FILES.match(posixpath.basename(path))
-        if match and int(match.group(1)) >= keep_below:
-            doomed.append(path)
+    doomed = [path for path in listed
+              if _OUR_FILES.match(posixpath.basename(path)) and posixpath.basename(path) not in keep]
     if doomed:
         fs.rm(doomed)
 

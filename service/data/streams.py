@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from service.data.dataset import ShardDataset
 from service.data.gpu_decode import Crop, gpu_decodable
+from service.data.jpeg import check_jpeg_stream
 from service.data.sharding import EpochPlan
 from service.data.shards import RawSample
 from service.data.transforms import check_pixels, stack_pixels
@@ -116,7 +117,7 @@ class BatchStream(IterableDataset):
         for sample in samples:
             try:
                 with open_image(sample) as img:
-                    check_pixels(img, self.max_pixels)
+                    check_image(img, sample, self.max_pixels)
                     images.append(self.transform.geometry(img, rng))
             except Exception as exc:  # any decoder failure (or oversize) means a bad image, not a bad run
                 corrupt.append((sample.key, sample.shard, f"{type(exc).__name__}: {exc}"))
@@ -137,7 +138,7 @@ class BatchStream(IterableDataset):
         for i, sample in enumerate(samples):
             try:
                 with open_image(sample) as img:
-                    check_pixels(img, self.max_pixels)
+                    check_image(img, sample, self.max_pixels)
                     if gpu_decodable(img):
                         crops[i] = self.transform.draw(*img.size, rng)  # type: ignore[attr-defined]
                         encoded[i] = sample.image
@@ -159,6 +160,14 @@ def open_image(sample: RawSample) -> Image.Image:
         # it for every such image. (PIL still refuses over twice its own limit.)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         return Image.open(io.BytesIO(sample.image))
+
+
+def check_image(img: Image.Image, sample: RawSample, max_pixels: int) -> None:
+    """Raises (so the sample counts as corrupt) for an image over ``max_pixels`` by its header,
+    and for a JPEG cut short or of too many scans (``service.data.jpeg.check_jpeg_stream``)."""
+    check_pixels(img, max_pixels)
+    if img.format == "JPEG" and sample.image is not None:
+        check_jpeg_stream(sample.image)
 
 
 def finish_batch(images: list[torch.Tensor], labels: list[int], keys: list[str],

@@ -70,7 +70,8 @@ def run_reconstruct(cfg: ReconstructConfig) -> ReconstructResult:
         raise ModelSourceError(f"--model {cfg.model!r} has no decoder (a fine-tuned or backbone-only model): "
                                "reconstructions need a pretraining model")
     images = load_images(cfg, source.config.img_size)
-    grid = render_reconstructions(source.model, images, mask_ratio=cfg.mask_ratio, seed=cfg.seed, scale=cfg.scale)
+    grid = render_reconstructions(source.model, images, mask_ratio=cfg.mask_ratio, seed=cfg.seed, scale=cfg.scale,
+                                  stats=cfg.stats)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out, format="PNG")

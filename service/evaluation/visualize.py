@@ -4,6 +4,11 @@ One code path for every picture: the pretraining loop (MLflow images every
 ``mlflow.recon_every_epochs``) and ``jobs/reconstruct.py`` both run ``masked_prediction`` and
 draw with ``reconstruction_grid``, which undoes ``norm_pix_loss`` (``convmae.reconstruct``)
 and the data's ImageNet normalisation.
+
+Masked patches are drawn with the statistics of the image's visible patches (``stats="visible"``)
+unless asked otherwise: with each patch's own (``"target"``, MAE's demo pictures) a random model's
+grid already shows the image's coarse shape, and looks much like a trained one's
+(``benchmarks/reconstruction_contrast.py`` measures the difference).
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (pixels.permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
-def reconstruction_panels(model_config: Any, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The four (B, 3, H, W) panels, in the data's normalised space (norm_pix_loss undone)."""
+def reconstruction_panels(model_config: Any, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, *,
+                          stats: str = "visible") -> dict[str, torch.Tensor]:
+    """The four (B, 3, H, W) panels, in the data's normalised space (norm_pix_loss undone with
+    ``stats``, see ``convmae.reconstruct``)."""
     from convmae import reconstruct
 
-    out = reconstruct(model_config, images, pred, mask)
+    out = reconstruct(model_config, images, pred, mask, stats=stats)
     return {"original": images, "masked": out["masked"], "reconstruction": out["reconstruction"],
             "pasted": out["pasted"]}
 
@@ -49,19 +56,21 @@ def masked_prediction(
 
 
 def render_reconstructions(
-    model: torch.nn.Module, images: torch.Tensor, *, mask_ratio: float = 0.75, seed: int = 0, scale: int = 1
+    model: torch.nn.Module, images: torch.Tensor, *, mask_ratio: float = 0.75, seed: int = 0, scale: int = 1,
+    stats: str = "visible",
 ) -> Image.Image:
     """The grid of ``images`` (B, 3, H, W), normalised as the data loaders give them."""
     _, pred, mask = masked_prediction(model, images, mask_ratio=mask_ratio, seed=seed)
     return reconstruction_grid(model.config, images.float().cpu(), pred.float().cpu(), mask.float().cpu(),
-                               scale=scale)
+                               scale=scale, stats=stats)
 
 
 def reconstruction_grid(
-    model_config: Any, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, *, scale: int = 1, gap: int = 2
+    model_config: Any, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, *, scale: int = 1, gap: int = 2,
+    stats: str = "visible",
 ) -> Image.Image:
     """One row per image, one column per panel (``COLUMNS``), white gaps between tiles."""
-    panels = reconstruction_panels(model_config, images, pred, mask)
+    panels = reconstruction_panels(model_config, images, pred, mask, stats=stats)
     tiles = [to_uint8(panels[c]) for c in COLUMNS]  # each (B, H, W, 3)
     b, h, w, _ = tiles[0].shape
     rows, cols = b, len(COLUMNS)

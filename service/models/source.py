@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import io
 import logging
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch.nn as nn
 
 from convmae import ConvMAE, ConvMAEBackbone, ConvMAEConfig
 from service.config import redact_url
+from service.data.scratch import scratch
 from service.runtime.engine import ENGINE_STATE_DIR, consolidated_state_dict, has_engine_state
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def _from_mlflow(uri: str, tracking_uri: str | None) -> ModelSource:
     tracking_uri = resolve_tracking_uri(tracking_uri or "")
     try:
         run_id = mlflow_run_id(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), uri)
-        with tempfile.TemporaryDirectory(prefix="convmae-model-") as tmp:
+        with scratch("model") as tmp:
             model = _load_pretrained(download_model_dir(uri, tmp, tracking_uri=tracking_uri), uri)
     except MlflowException as exc:
         raise ModelSourceError(f"--model {uri!r}: MLflow at {tracking_uri} cannot provide it: "
@@ -196,7 +196,7 @@ def _from_path_or_url(uri: str, *, preset: str | None, storage_options: Mapping[
     if is_dir:
         if protocol == "file":
             return _from_folder(Path(path), uri, preset)
-        with tempfile.TemporaryDirectory(prefix="convmae-model-") as tmp:
+        with scratch("model") as tmp:
             fs.get(path.rstrip("/") + "/", tmp, recursive=True)
             return _from_folder(Path(tmp), uri, preset)
     with fs.open(path, "rb") as f:

@@ -1,2 +1,3 @@
 """Distributed runtime: the Ray cluster (``cluster``), a worker's place in it (``worker``), the
-DeepSpeed engine boundary (``engine``), optimizer groups and lr schedule (``optim``)."""
+DeepSpeed engine boundary (``engine``), optimizer groups and lr schedule (``optim``), redaction of every
+logged message (``logs``)."""

@@ -16,6 +16,11 @@ places:
 
 The driver's set wins, as the workers' runtime env did before: a job runs with the
 credentials of whoever started it.
+
+Ray Tune is the one part of Ray that puts credentials into a runtime env by itself: it copies the
+driver's ``AWS_*`` variables into every trial actor's (``ray.tune.execution.class_cache``).
+``keep_credentials_out_of_tune`` stops that before a sweep starts; trials adopt the shared set
+like training workers do.
 """
 
 from __future__ import annotations
@@ -78,3 +83,18 @@ def adopt_credentials(ref: Any | None) -> None:
                 os.environ[name] = shared[name]
             else:
                 os.environ.pop(name, None)
+
+
+def keep_credentials_out_of_tune() -> None:
+    """Stops Ray Tune from copying this process's credential variables into its trials' runtime
+    envs, which Ray writes to ``runtime_env_agent.log`` in plain text.
+
+    Tune reads its list of variables to propagate from a module constant each time it creates a
+    trial actor; Ray offers no setting for it. A Ray without that constant has nothing to strip,
+    and the planted-secret sweep test guards against Tune propagating credentials some other way.
+    """
+    from ray.tune.execution import class_cache
+
+    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if propagated is not None:
+        class_cache.ENV_VARS_TO_PROPAGATE = type(propagated)(n for n in propagated if not is_secret_env(n))

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,14 @@ from typing import Any
 import torch
 
 from service.config import TrainingJobConfig
+from service.runtime.logs import DEEPSPEED_PRINTS, dropping_printed_lines
 from service.runtime.optim import param_groups
-from service.runtime.safe_checkpoint import safe_load, verify_checkpoint, weights_only_loads
+from service.runtime.safe_checkpoint import (
+    DamagedCheckpointError,
+    safe_load,
+    verify_checkpoint,
+    weights_only_loads,
+)
 from service.runtime.worker import world_size
 
 log = logging.getLogger(__name__)
@@ -140,11 +147,12 @@ class Engine:
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         if groups is None:
             groups = param_groups(model, cfg.train.weight_decay)
-        if "optimizer" in ds_config:
-            ds_engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-        else:
-            optimizer = fused_adamw(groups, lr=lr, betas=cfg.train.betas)
-            ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        with dropping_printed_lines(DEEPSPEED_PRINTS):
+            if "optimizer" in ds_config:
+                ds_engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+            else:
+                optimizer = fused_adamw(groups, lr=lr, betas=cfg.train.betas)
+                ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         return cls(ds_engine, ds_config)
 
     @property
@@ -218,6 +226,38 @@ class Engine:
         log.info("resharded the ZeRO-%d engine state of %s from %d worker(s) to %d (DeepSpeed universal "
                  "checkpoint): fp32 weights and optimizer state repartitioned", stage, folder, saved, current)
         return client_state
+
+    def check_state(self, folder: str | Path) -> dict[str, Any]:
+        """Checks, before anything is loaded, that the engine state in ``folder`` fits this
+        engine: each model-states file holds a weight of this model's shape under every name of
+        its state dict. Raises ``DamagedCheckpointError`` naming the file (relative to
+        ``folder``) and what does not fit; returns the first file's contents, the client state
+        among them. Reads the files' metadata only (memory mapped)."""
+        root = Path(folder)
+        files = sorted((root / ENGINE_STATE_DIR).glob("*mp_rank_*_model_states.pt"))
+        if not files:
+            raise DamagedCheckpointError(f"it holds no engine state ({ENGINE_STATE_DIR}/*model_states.pt)")
+        # Under ZeRO-3 both sides hold the same empty placeholders for partitioned parameters.
+        expected = {name: tuple(t.shape) for name, t in self.module.state_dict().items()}
+        first: dict[str, Any] | None = None
+        for path in files:
+            rel = path.relative_to(root).as_posix()
+            saved = safe_load(path, mmap=zipfile.is_zipfile(path), name=rel)
+            module = saved.get("module") if isinstance(saved, dict) else None
+            if not isinstance(module, dict) or not module:
+                raise DamagedCheckpointError(f"{rel} holds no model weights")
+            missing = [name for name in expected if name not in module]
+            if missing:
+                raise DamagedCheckpointError(f"{rel} lacks {len(missing)} of the model's weights: "
+                                             f"{', '.join(missing[:5])}")
+            for name, shape in expected.items():
+                found = module[name]
+                if not isinstance(found, torch.Tensor) or tuple(found.shape) != shape:
+                    what = tuple(found.shape) if isinstance(found, torch.Tensor) else type(found).__name__
+                    raise DamagedCheckpointError(f"{rel} holds {name} as {what}, the model's is {shape}")
+            first = first if first is not None else saved
+        assert first is not None
+        return first
 
     def _restore_untrained(self, folder: Path) -> None:
         """Frozen parameters and buffers from ``folder``: DeepSpeed's universal loading restores
@@ -354,7 +394,8 @@ def _fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if stage > 0:  # fp32 master weights are spread over the ranks' optimizer shards
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with weights_only_loads():  # zero_to_fp32 calls torch.load(weights_only=False)
+        # zero_to_fp32 calls torch.load(weights_only=False), and prints its progress.
+        with weights_only_loads(), dropping_printed_lines(DEEPSPEED_PRINTS):
             state = dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=ENGINE_STATE_DIR))
         # ZeRO-1 does not record frozen parameters (our fixed sin-cos position embeddings) in
         # its optimizer shards; below ZeRO-3 the module states hold them whole.

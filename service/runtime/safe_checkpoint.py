@@ -78,23 +78,6 @@ class DamagedCheckpointError(CheckpointError):
     """A checkpoint folder that is incomplete or damaged: no manifest, missing or changed files."""
 
 
-def reraise_checkpoint_error(exc: BaseException) -> None:
-    """Raises the ``CheckpointError`` behind a failed Ray Train run (one of its workers'), if any.
-
-    For drivers: Ray wraps worker exceptions (``WorkerGroupError.worker_failures``); a job
-    should report the checkpoint it refused, not a traceback of the worker group.
-    """
-    failures = getattr(exc, "worker_failures", None) or {}
-    for failure in failures.values():
-        seen = set()
-        while failure is not None and id(failure) not in seen:
-            if isinstance(failure, CheckpointError):
-                raise failure from None
-            seen.add(id(failure))
-            failure = getattr(failure, "cause", None) or failure.__cause__
-    return None
-
-
 # ---------------------------------------------------------------- the allow-list
 
 

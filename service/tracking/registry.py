@@ -9,7 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from service.data.scratch import scratch
 from service.runtime.engine import consolidated_state_dict
+from service.runtime.logs import MLFLOW_REGISTRY_PRINTS, dropping_printed_lines
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +20,8 @@ WEIGHTS_ARTIFACT = "convmae"  # the folder written by convmae.save_pretrained in
 # Model-version tag holding the checkpoint a version was exported from, so that re-running a
 # finished job (or sweep) finds its version instead of registering the same weights again.
 CHECKPOINT_TAG = "checkpoint"
-PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
+# The pyfunc flavour's code: a module of the installed package, never a file in the artifact.
+PYFUNC_LOADER = "service.tracking.pyfunc"
 
 
 def export_checkpoint(checkpoint_dir: str | Path, model_config: dict[str, Any], dest: str | Path,
@@ -50,21 +53,29 @@ def log_and_register(
     tags: dict[str, str] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> dict[str, str | None]:
-    """Logs the exported model to ``run_id`` and registers a new version under ``registered_name``."""
+    """Logs the exported model to ``run_id`` and registers a new version under ``registered_name``.
+
+    ``model_dir`` (a ``save_pretrained`` folder) must be named ``WEIGHTS_ARTIFACT``: MLflow keeps
+    the folder's name in the artifact."""
     import mlflow
+
+    if Path(model_dir).name != WEIGHTS_ARTIFACT:
+        raise ValueError(f"model_dir={str(model_dir)!r} is not allowed: a folder named {WEIGHTS_ARTIFACT!r}")
 
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
+        # Data only (data/convmae: safetensors + JSON); MLflow imports PYFUNC_LOADER to load it.
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
-            python_model=str(PYFUNC_CODE),
-            artifacts={WEIGHTS_ARTIFACT: str(model_dir)},
+            loader_module=PYFUNC_LOADER,
+            data_path=str(model_dir),
             pip_requirements=["convmae-service", "torch", "safetensors", "numpy"],
             metadata=metadata or {},
         )
     version = None
     if registered_name:
-        mv = mlflow.register_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", registered_name, tags=tags or {})
+        with dropping_printed_lines(MLFLOW_REGISTRY_PRINTS, "stderr"):  # we log the version below
+            mv = mlflow.register_model(info.model_uri, registered_name, tags=tags or {})
         version = str(mv.version)
         log.info("registered %s version %s (models:/%s/%s)", registered_name, version, registered_name, version)
     return {"model_uri": info.model_uri, "version": version,
@@ -117,8 +128,8 @@ def register_checkpoint_once(
         return {"registered_uri": None, "model_uri": None, "version": None}
 
 
-def download_model_dir(uri: str, dest: str | Path | None = None, *, tracking_uri: str | None = None) -> Path:
-    """The ``save_pretrained`` folder behind a ``models:/`` or ``runs:/`` URI, from ``tracking_uri``
+def download_model(uri: str, dest: str | Path | None = None, *, tracking_uri: str | None = None) -> Path:
+    """The logged model behind a ``models:/`` or ``runs:/`` URI, downloaded from ``tracking_uri``
     (tracking and registry store alike; default ``MLFLOW_TRACKING_URI``, else ./mlruns.db as
     every job). MLflow's global URI is left alone and nothing is written outside ``dest``."""
     import mlflow
@@ -126,14 +137,71 @@ def download_model_dir(uri: str, dest: str | Path | None = None, *, tracking_uri
     from service.tracking.mlflow_run import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(tracking_uri or "")
-    dest = Path(dest or tempfile.mkdtemp(prefix="convmae-model-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=_resolve_artifact_uri(uri, tracking_uri),
-                                                     dst_path=str(dest), tracking_uri=tracking_uri,
-                                                     registry_uri=tracking_uri))
-    for candidate in (local / "artifacts" / WEIGHTS_ARTIFACT, local / WEIGHTS_ARTIFACT, local):
+    dest = Path(dest or tempfile.mkdtemp(prefix="convmae-download-"))  # the caller's to keep
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=_resolve_artifact_uri(uri, tracking_uri),
+                                                    dst_path=str(dest), tracking_uri=tracking_uri,
+                                                    registry_uri=tracking_uri))
+
+
+def download_model_dir(uri: str, dest: str | Path | None = None, *, tracking_uri: str | None = None) -> Path:
+    """The ``save_pretrained`` folder behind a ``models:/`` or ``runs:/`` URI (see
+    ``download_model``): only its JSON config and safetensors weights are ever read, whatever
+    else the artifact holds."""
+    local = download_model(uri, dest, tracking_uri=tracking_uri)
+    # data/: models logged with PYFUNC_LOADER; artifacts/: those logged as code by earlier versions.
+    for candidate in (local / "data" / WEIGHTS_ARTIFACT, local / "artifacts" / WEIGHTS_ARTIFACT,
+                      local / WEIGHTS_ARTIFACT, local):
         if (candidate / "config.json").exists():
             return candidate
     raise FileNotFoundError(f"{uri} holds no convmae model (no {WEIGHTS_ARTIFACT}/config.json)")
+
+
+def load_pyfunc(uri: str, *, tracking_uri: str | None = None) -> Any:
+    """``mlflow.pyfunc.load_model`` of a ``models:/`` or ``runs:/`` URI, once its ``MLmodel`` is
+    checked to load with ``PYFUNC_LOADER`` from data alone.
+
+    ``mlflow.pyfunc.load_model`` does what the downloaded ``MLmodel`` says: it imports the
+    module it names, puts its ``code`` folders on ``sys.path``, unpickles a ``python_model``.
+    Whoever can write to the artifact store can rewrite that file; here a model whose
+    ``MLmodel`` asks for anything but this package's loader, or that carries Python files or
+    pickles, is refused (``ModelSourceError``) before MLflow reads it.
+    """
+    import mlflow.pyfunc
+
+    with scratch("model") as tmp:  # the weights are in memory once loaded
+        local = download_model(uri, tmp, tracking_uri=tracking_uri)
+        check_data_only(local, uri)
+        return mlflow.pyfunc.load_model(str(local))
+
+
+UNSAFE_SUFFIXES = (".py", ".pyc", ".pkl", ".pickle", ".cloudpickle", ".joblib", ".pt", ".pth", ".so")
+
+
+def check_data_only(model_root: Path, uri: str) -> None:
+    """Raises ``ModelSourceError`` unless the downloaded model at ``model_root`` is one we log:
+    its pyfunc flavour loads with ``PYFUNC_LOADER`` from ``data/``, with no code, no pickled
+    model and no code or pickle file anywhere in it."""
+    import yaml
+
+    from service.models.source import ModelSourceError
+
+    try:
+        meta = yaml.safe_load((model_root / "MLmodel").read_text())
+        flavors = meta["flavors"]
+        pyfunc = flavors["python_function"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise ModelSourceError(f"{uri}: MLmodel is missing or not a pyfunc model ({type(exc).__name__})") from None
+    expected = {"loader_module": PYFUNC_LOADER, "data": f"data/{WEIGHTS_ARTIFACT}"}
+    problems = [f"{key}={pyfunc.get(key)!r} (expected {value!r})" for key, value in expected.items()
+                if pyfunc.get(key) != value]
+    problems += [f"{key}={pyfunc[key]!r}" for key in ("code", "python_model", "cloudpickle_version", "artifacts")
+                 if pyfunc.get(key)]
+    problems += [f"flavor {name!r}" for name in flavors if name != "python_function"]
+    problems += [f"file {p.relative_to(model_root)}" for p in sorted(model_root.rglob("*"))
+                 if p.suffix.lower() in UNSAFE_SUFFIXES]
+    if problems:
+        raise ModelSourceError(f"{uri}: refused, its MLmodel or files would run code from the artifact store, "
+                               f"not this package's loader: {'; '.join(problems[:5])}")
 
 
 def _resolve_artifact_uri(uri: str, tracking_uri: str) -> str:
@@ -184,7 +252,8 @@ def load_model(uri: str, *, tracking_uri: str | None = None):
     from convmae import load_pretrained
 
     if uri.startswith(("models:/", "runs:/")):
-        return load_pretrained(download_model_dir(uri, tracking_uri=tracking_uri))
+        with scratch("model") as tmp:  # the weights are in memory once loaded
+            return load_pretrained(download_model_dir(uri, tmp, tracking_uri=tracking_uri))
     return load_pretrained(uri)
 
 

@@ -4,7 +4,8 @@ Every worker writes its share of the engine state (``Engine.save``) into a local
 reports it; Ray Train merges the folders of all workers into one checkpoint in the run's
 storage (local or s3://) and keeps the last K. Each worker also writes a checksums manifest of its files, last. Restoring takes
 the newest intact checkpoint of the run (``service.training.resume``: manifests verified, every
-file weights-only with an allow-list, damaged ones skipped with a warning) on every worker and
+file weights-only with an allow-list, content checked against the engine, ones that are damaged
+or do not load skipped with a warning, for the one before) on every worker and
 loads model, optimizer, the training position (epoch, batches consumed, step) and each rank's
 RNG state. Nothing is unpickled beyond tensors, containers and DeepSpeed's allow-listed types
 (``service.runtime.safe_checkpoint``).
@@ -34,7 +35,6 @@ import functools
 import json
 import logging
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -45,11 +45,12 @@ from typing import Any
 import torch
 
 from service.config import ConfigError, TrainingJobConfig
+from service.data.scratch import scratch_dir
 from service.data.storage import retrying
 from service.runtime.engine import Engine
-from service.runtime.safe_checkpoint import safe_load, write_manifest
+from service.runtime.safe_checkpoint import DamagedCheckpointError, safe_load, write_manifest
 from service.runtime.worker import world_size
-from service.training.resume import restore_newest_intact
+from service.training.resume import RunStorage, restore_newest_intact
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class CheckpointWriter:
         from ray.train import CheckpointUploadMode
 
         self.wait()  # at most one upload in flight
-        root = Path(tempfile.mkdtemp(prefix="convmae-ckpt-"))
+        root = scratch_dir("ckpt")  # removed below, or by Ray Train once uploaded
         try:
             engine.save(root, {"train_state": asdict(state)})
             (root / "rng").mkdir(exist_ok=True)
@@ -160,22 +161,72 @@ def persist_with_retries(storage: Any, checkpoint: Any, checkpoint_dir_name: str
                     what=f"uploading checkpoint {checkpoint_dir_name}", max_retries=max_retries, sleep=sleep)
 
 
-def restore(engine: Engine, rank: int) -> TrainState | None:
-    """Loads the newest intact checkpoint of the run (``service.training.resume``), if any."""
+def restore(engine: Engine, rank: int, *, storage: RunStorage | None = None,
+            reported: Any = None) -> TrainState | None:
+    """Loads the newest checkpoint of the run that is intact and fits (``service.training.resume``),
+    if any; one whose content does not fit this engine (weights missing or of other shapes, a
+    malformed train or RNG state) is skipped for the one before it. ``storage``/``reported``:
+    the run's folder and Ray's pick, default those of this Ray Train worker."""
 
-    def load(folder: Path) -> dict[str, Any]:
+    def check(folder: Path) -> None:  # everything load relies on, before the engine takes any of it
+        train_state_from(engine.check_state(folder).get("train_state"))
+        _rng_state(folder, rank)
+
+    def load(folder: Path) -> TrainState:
         client_state = engine.load(folder)  # weights-only with the allow-list (Engine.load)
-        rng_path = folder / _rng_file(rank)
-        if rng_path.exists():
-            torch.set_rng_state(safe_load(rng_path)["torch"])
-        return client_state
+        state = train_state_from(client_state.get("train_state"))
+        rng = _rng_state(folder, rank)
+        if rng is not None:
+            torch.set_rng_state(rng)
+        return state
 
-    found = restore_newest_intact(load, state_file=STATE_FILE)
+    found = restore_newest_intact(load, check=check, state_file=STATE_FILE, storage=storage, reported=reported)
     if found is None:
         return None
-    client_state, checkpoint = found
-    state = TrainState(**client_state["train_state"])
+    state, checkpoint = found
     log.info("resumed from %s at epoch %d, step %d", checkpoint.label, state.epoch, state.optimizer_step)
+    return state
+
+
+_INT_FIELDS = ("epoch", "optimizer_step", "micro_step", "micro_in_epoch", "samples_seen", "world_size",
+               "schedule_offset")
+
+
+def train_state_from(saved: Any) -> TrainState:
+    """The ``TrainState`` a checkpoint saved (its fields of the right types; unknown ones, from
+    other versions, left out); raises ``DamagedCheckpointError`` naming the field that is wrong."""
+
+    def wrong(why: str) -> DamagedCheckpointError:
+        return DamagedCheckpointError(f"its train state {why}")
+
+    if not isinstance(saved, dict):
+        raise wrong(f"is a {type(saved).__name__}, not a mapping" if saved is not None else "is missing")
+    fields = {k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__}
+    for key in _INT_FIELDS:
+        if key in fields and (not isinstance(fields[key], int) or isinstance(fields[key], bool)):
+            raise wrong(f"has {key}={fields[key]!r}, not a whole number")
+    if fields.get("zero_stage") is not None and not isinstance(fields["zero_stage"], int):
+        raise wrong(f"has zero_stage={fields['zero_stage']!r}, not a whole number")
+    for key, kinds in (("loader_state", (dict, type(None))), ("extra", (dict,))):
+        if key in fields and not isinstance(fields[key], kinds):
+            raise wrong(f"has a {type(fields[key]).__name__} as {key}, not a mapping")
+    return TrainState(**fields)
+
+
+def _rng_state(folder: Path, rank: int) -> torch.Tensor | None:
+    """This rank's saved torch RNG state, checked to be one ``torch.set_rng_state`` takes (None:
+    the checkpoint has none for this rank, as after resharding to more workers)."""
+    path = folder / _rng_file(rank)
+    if not path.exists():
+        return None
+    saved = safe_load(path, name=_rng_file(rank))
+    state = saved.get("torch") if isinstance(saved, dict) else None
+    expected = torch.get_rng_state()
+    if not isinstance(state, torch.Tensor) or state.dtype != expected.dtype or state.shape != expected.shape:
+        what = f"a {state.dtype} tensor of shape {tuple(state.shape)}" if isinstance(state, torch.Tensor) \
+            else f"a {type(state).__name__}"
+        raise DamagedCheckpointError(f"{_rng_file(rank)} holds {what} as the torch RNG state, not a "
+                                     f"{expected.dtype} tensor of shape {tuple(expected.shape)}")
     return state
 
 

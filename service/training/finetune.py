@@ -45,11 +45,12 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
     from service import data as data_lib
     from service.models.source import load_model_source
     from service.training.finetune_worker import FinetuneInputs, finetune_worker
-    from service.training.launch import absolute_url, fit_workers, open_launch
+    from service.training.launch import absolute_url, fit_workers, open_launch, require_one_step
 
     cfg.validate()
     train_url, val_url = (absolute_url(u) for u in data_lib.resolve_data_urls(cfg.data))
     train_set = data_lib.open_dataset(train_url, cfg.storage)
+    require_one_step(train_set.num_samples, cfg, train_url)
     if not train_set.has_labels:
         raise ConfigError(f"data.url={train_url!r} has no labels (.cls); fine-tuning needs a labeled "
                           "data set (prepare one from a class/xxx.jpg folder)")

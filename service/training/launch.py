@@ -22,6 +22,8 @@ from service.config import (
     redact_url,
     redacted,
 )
+from service.data.scratch import sweep_stale_scratch
+from service.job_errors import raise_user_error_behind
 from service.runtime.cluster import (
     connect_ray,
     preemption_watched,
@@ -32,12 +34,11 @@ from service.runtime.cluster import (
     worker_runtime_env,
 )
 from service.runtime.credentials import share_credentials
-from service.runtime.safe_checkpoint import reraise_checkpoint_error
 from service.tracking import Tracker, open_run, resolve_tracking_uri, warm_up
 from service.tracking.provenance import provenance
 from service.training.checkpoints import STATE_FILE, check_resumable
 from service.training.lease import LEASE_FILES, RunLease
-from service.training.resume import newest_train_state
+from service.training.resume import RunStorage, newest_train_state, set_aside_unusable_snapshot
 from service.training.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | 
 
     The caller releases the lease (``Launch.release``) when the run ends, whatever the outcome.
     """
+    sweep_stale_scratch()  # what killed jobs of this machine left in its temp directory
     # Storage first: an unreachable or read-only storage_path would otherwise surface only at
     # the first checkpoint, after the cluster started and a run was opened.
     require_writable(cfg.checkpoint.storage_path, cfg.storage, "checkpoint.storage_path")
@@ -182,11 +184,16 @@ def fit_workers(worker: Callable[[WorkerSettings], None], settings: WorkerSettin
     reported metrics and checkpoint, kept ``checkpoint.keep_last`` deep)."""
     import functools
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    if cfg.checkpoint.resume:  # before any worker starts: a checkpoint this config cannot resume
-        check_resumable(newest_train_state(*_run_folder(launch, cfg), STATE_FILE), cfg, launch.storage_label)
+    if cfg.checkpoint.resume:  # before any worker starts
+        folder, fs = _run_folder(launch, cfg)
+        # Ray Train refuses to start on a snapshot it cannot read, and would hand the workers a
+        # checkpoint outside the run that one names: such a snapshot is set aside.
+        set_aside_unusable_snapshot(RunStorage(fs, folder))
+        # A checkpoint this config cannot resume: stop here, naming the flags.
+        check_resumable(newest_train_state(folder, fs, STATE_FILE), cfg, launch.storage_label)
 
     trainer = TorchTrainer(
         functools.partial(worker, settings),
@@ -201,6 +208,9 @@ def fit_workers(worker: Callable[[WorkerSettings], None], settings: WorkerSettin
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
             callbacks=callbacks,
             worker_runtime_env=worker_runtime_env(),
+            # Ray Train's INFO lines (resource requests, each report and checkpoint) go to its
+            # session log files only; its warnings and errors still reach the job's output.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     log.info("launching %s %s worker(s); checkpoints under %s; MLflow %s run %s", worker_count(cfg),
@@ -208,7 +218,9 @@ def fit_workers(worker: Callable[[WorkerSettings], None], settings: WorkerSettin
     try:
         result = trainer.fit()
     except Exception as exc:
-        reraise_checkpoint_error(exc)  # a refused or damaged checkpoint: the job's bad input, one line
+        # Bad input a worker found (a damaged shard, a refused checkpoint) is the job's bad input,
+        # reported in one line, and the error the MLflow run fails with, not Ray's wrapper.
+        raise_user_error_behind(exc)
         raise
     if getattr(result, "error", None) is not None:
         # Ray Train V2 raises a failed run's error itself; a Result that only carries one
@@ -218,6 +230,22 @@ def fit_workers(worker: Callable[[WorkerSettings], None], settings: WorkerSettin
 
 
 # ---------------------------------------------------------------- pieces
+
+
+def require_one_step(num_samples: int, cfg: TrainingJobConfig, train_url: str) -> None:
+    """Raises DataError, naming both numbers, unless the training data set holds one optimizer
+    step's global batch: workers drop an epoch's incomplete batches, so a smaller data set would
+    start the cluster only for every worker to fail on its first epoch."""
+    from service.data import DataError
+
+    t = cfg.train
+    if num_samples < cfg.effective_batch_size:
+        raise DataError(
+            f"data.url={redact_url(train_url)!r} has {num_samples} samples, fewer than one global batch of "
+            f"{cfg.effective_batch_size} (train.batch_size_per_worker={t.batch_size_per_worker} x "
+            f"dist.num_workers={cfg.dist.num_workers} x train.grad_accum_steps={t.grad_accum_steps}); "
+            "use a larger data set or a smaller batch"
+        )
 
 
 def require_writable(url: str, storage: StorageConfig, key: str) -> None:

@@ -25,8 +25,11 @@ from typing import Any
 import torch
 
 from service.config import TrainingJobConfig
+from service.data import DataError
+from service.data.scratch import sweep_stale_scratch
 from service.runtime.engine import Engine
 from service.runtime.flops import dense_bf16_peak_flops
+from service.runtime.logs import install_redaction, quiet_known_noise
 from service.runtime.optim import lr_at
 from service.runtime.worker import WorkerContext, all_reduce_sum
 from service.tracking import NullTracker, Tracker
@@ -51,7 +54,10 @@ def configure_worker_logging() -> None:
     """One handler for the ``convmae`` and ``service`` loggers in a Ray worker process.
 
     Every module logs under its own name (``logging.getLogger(__name__)``), so these two roots
-    cover the model package and the service."""
+    cover the model package and the service. Every record the process makes is redacted (a
+    library's warning may quote a URL with its password)."""
+    install_redaction()
+    quiet_known_noise()
     if not logging.getLogger("convmae").handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
@@ -98,6 +104,8 @@ def start_session(model: torch.nn.Module, cfg: TrainingJobConfig, settings: Work
 
     ``cfg``: the config at this world size (``WorkerSettings.config_at``)."""
     lr = settings.lr
+    if ctx.local_rank == 0:  # one per machine: checkpoints that killed workers left in its temp directory
+        sweep_stale_scratch()
     engine = Engine.build(model, cfg, use_gpu=settings.use_gpu, precision=settings.precision,
                           lr=lr, groups=groups, compile_model=settings.compile_model)
     state = checkpoints.restore(engine, ctx.rank) or TrainState()
@@ -137,7 +145,7 @@ def plan_schedule(cfg: TrainingJobConfig, micro_batches_per_epoch: int) -> Sched
     t = cfg.train
     steps_per_epoch = micro_batches_per_epoch // t.grad_accum_steps
     if steps_per_epoch < 1:
-        raise ValueError(
+        raise DataError(
             f"the data set gives {micro_batches_per_epoch} batches of {t.batch_size_per_worker} per worker per "
             f"epoch, fewer than train.grad_accum_steps={t.grad_accum_steps}: lower the batch size or workers"
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import PretrainConfig, redact_url, redacted
-from service.training.launch import absolute_url, fit_workers, open_launch
+from service.training.launch import absolute_url, fit_workers, open_launch, require_one_step
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def run_pretraining(
     cfg.validate()
     train_url, val_url = (absolute_url(u) for u in data_lib.resolve_data_urls(cfg.data))
     train_set = data_lib.open_dataset(train_url, cfg.storage)  # a missing bucket fails here, not in a worker
+    require_one_step(train_set.num_samples, cfg, train_url)
     if val_url:
         data_lib.open_dataset(val_url, cfg.storage)
     log.info("data: %s (%d samples in %d shards)%s", redact_url(train_url), train_set.num_samples,
@@ -96,7 +97,7 @@ def register_checkpoint(cfg: PretrainConfig, checkpoint: Any, tracking_uri: str,
 
     return register_checkpoint_once(
         checkpoint, export, tracking_uri=tracking_uri, run_id=run_id,
-        registered_name=cfg.mlflow.registered_model_name,
+        registered_name=cfg.registered_name(),
         tags={"data": redact_url(train_url), **provenance(), "preset": cfg.model.name, "run_name": cfg.run_name},
         metadata={"preset": cfg.model.name},
     )

@@ -109,11 +109,13 @@ def train_worker(settings: WorkerSettings) -> None:
     def epoch_end(end: EpochEnd) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if val_url and end.validation_due and state.extra.pop(RANDOM_START_DUE, False):
-            start = validate_during_training(starting_model(cfg, ctx.device, session.dtype), cfg, val_url, train_url,
-                                             ctx, session.dtype)
+            initial = starting_model(cfg, ctx.device, session.dtype)
+            start = validate_during_training(initial, cfg, val_url, train_url, ctx, session.dtype)
             if session.is_chief:
                 session.tracker.log_metrics(start, step=0)
                 log.info("random start (step 0): %s", ", ".join(f"{k}={v:.4f}" for k, v in start.items()))
+                if recon_batch is not None:  # the grid the later ones are compared with
+                    _log_reconstructions(session, cfg, recon_batch, module=initial, step=0)
         if val_url and end.validation_due:
             metrics.update(validate_during_training(engine.module, cfg, val_url, train_url, ctx, session.dtype))
         recon_due = end.finished and (end.epoch + 1) % cfg.mlflow.recon_every_epochs == 0
@@ -125,11 +127,14 @@ def train_worker(settings: WorkerSettings) -> None:
     run_epochs(session, cfg, loader_for=loader_for, step=step, epoch_end=epoch_end, schedule=schedule)
 
 
-def _log_reconstructions(session: Any, cfg: PretrainConfig, images: torch.Tensor) -> None:
+def _log_reconstructions(session: Any, cfg: PretrainConfig, images: torch.Tensor, *,
+                         module: torch.nn.Module | None = None, step: int | None = None) -> None:
+    """The grid of ``module`` (default: the engine's, at the current step) on ``images``."""
     from service.evaluation.visualize import masked_prediction, reconstruction_grid
 
-    module = session.engine.module
+    module = module if module is not None else session.engine.module
+    step = session.state.optimizer_step if step is None else step
     _, pred, mask = masked_prediction(module, images, mask_ratio=cfg.train.eval_mask_ratio, seed=cfg.train.seed)
     if session.is_chief:
         grid = reconstruction_grid(module.config, images.float().cpu(), pred.float().cpu(), mask.float().cpu())
-        session.tracker.log_image(grid, f"reconstructions/step_{session.state.optimizer_step:07d}.png")
+        session.tracker.log_image(grid, f"reconstructions/step_{step:07d}.png")

@@ -55,8 +55,11 @@ def _run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from service.runtime.credentials import adopt_credentials
+    from service.runtime.logs import install_redaction, quiet_known_noise
     from service.training.pretrain import run_pretraining
 
+    install_redaction()
+    quiet_known_noise()
     # The sweep driver's settings and credentials, as run_pretraining hands them to its workers.
     os.environ.update(context["env"])
     adopt_credentials(context.get("credentials"))
@@ -110,7 +113,7 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
     """Runs (or resumes) the sweep, registers the best trial's model and returns the summary."""
     from service import data as data_lib
     from service.tracking import resolve_tracking_uri
-    from service.training.launch import absolute_url, require_writable
+    from service.training.launch import absolute_url, require_one_step, require_writable
     from service.training.lease import RunLease
 
     cfg.validate()
@@ -119,7 +122,7 @@ def run_sweep(cfg: TuneJobConfig) -> SweepResult:
     if not val_url:
         raise ConfigError("sweeps compare trials on a held-out split: set data.val_url "
                           "(the embedded data set has one when data.url is empty)")
-    data_lib.open_dataset(train_url, cfg.storage)
+    require_one_step(data_lib.open_dataset(train_url, cfg.storage).num_samples, cfg, train_url)
     val_has_labels = data_lib.open_dataset(val_url, cfg.storage).has_labels
     metric, mode = resolve_objective(cfg, val_has_labels)
 
@@ -153,10 +156,11 @@ def _run_sweep(cfg: TuneJobConfig, dims: list[Dimension], base: PretrainConfig, 
         resolve_precision,
         resolve_use_gpu,
     )
-    from service.runtime.credentials import share_credentials
+    from service.runtime.credentials import keep_credentials_out_of_tune, share_credentials
     from service.training.launch import absolute_url, shared_locations, storage_location
 
     connect_ray(cfg.dist.ray_address)
+    keep_credentials_out_of_tune()  # trials adopt the shared credentials below instead
     # Trials run on any node, and a trial resumed elsewhere must find its checkpoints.
     locations = shared_locations(base, train_url, tracking_uri)
     locations.pop("checkpoint.storage_path")  # the trials' runs live under sweep.storage_path
@@ -229,6 +233,11 @@ def _run_sweep(cfg: TuneJobConfig, dims: list[Dimension], base: PretrainConfig, 
         scored = [t for t in trials if t.objective is not None and math.isfinite(t.objective)]
         best = (max if mode == "max" else min)(scored, key=lambda t: t.objective) if scored else None
         table = format_table(trials, metric, best)
+        if best is None and not interrupted:
+            # No trial got a score because of bad input (a damaged shard, a data set too small
+            # for a trial's batch): that is the sweep's outcome, one line, exit 2; the parent run
+            # ends FAILED with it.
+            raise_first_user_error([r.error for r in grid if r.error is not None], table)
         registered_uri = None
         if interrupted:
             log.warning("sweep %s was interrupted with unfinished trials; run the same command again to resume it",
@@ -238,6 +247,18 @@ def _run_sweep(cfg: TuneJobConfig, dims: list[Dimension], base: PretrainConfig, 
         _finish_parent_run(parent, trials, best, metric, table, registered_uri, "KILLED" if interrupted else "FINISHED")
         return SweepResult(cfg.sweep.name, metric, mode, trials, best, parent_run_id, tracking_uri,
                            registered_uri, storage_label, table, interrupted)
+
+
+def raise_first_user_error(errors: list[BaseException], table: str) -> None:
+    """Raises the first bad-input error behind the trials' ``errors``, if any, after logging
+    the trials' ``table``."""
+    from service.job_errors import user_error_behind
+
+    for error in errors:
+        user_error = user_error_behind(error)
+        if user_error is not None:
+            log.error("no trial was scored:\n%s", table)
+            raise user_error from None
 
 
 def _join(*parts: str) -> str:
@@ -274,6 +295,14 @@ def scheduler_for(cfg: TuneJobConfig, state_url: str) -> Any:
                          grace_period=cfg.sweep.grace_period, reduction_factor=cfg.sweep.reduction_factor)
 
 
+def _describe_trial_error(error: BaseException) -> str:
+    """Bad input in one line (the remote traceback of Ray's wrapper would not fit a table)."""
+    from service.job_errors import user_error_behind
+
+    error = user_error_behind(error) or error
+    return f"{type(error).__name__}: {error}"
+
+
 def _summarise(result: Any, metric: str, epochs: int, statuses: dict[str, str]) -> TrialSummary:
     metrics = dict(result.metrics or {})
     trial_id = str(metrics.get("trial_id") or _trial_id_from_path(result.path, statuses))
@@ -296,7 +325,7 @@ def _summarise(result: Any, metric: str, epochs: int, statuses: dict[str, str]) 
         objective=float(value) if value is not None else None,
         train_loss=float(loss) if loss is not None else None,
         checkpoint_path=metrics.get("checkpoint_path"),
-        error=f"{type(result.error).__name__}: {result.error}" if result.error is not None else None,
+        error=_describe_trial_error(result.error) if result.error is not None else None,
     )
 
 
@@ -394,7 +423,7 @@ def _register_best(cfg: TuneJobConfig, base: PretrainConfig, best: TrialSummary,
         out = register_checkpoint(trial_cfg, checkpoint, tracking_uri, run_id, train_url)
         if out.get("version") is None:
             return None
-        name = cfg.mlflow.registered_model_name
+        name = trial_cfg.registered_name()
         client = MlflowClient(tracking_uri=tracking_uri)
         client.set_registered_model_alias(name, cfg.alias, out["version"])
         client.set_model_version_tag(name, out["version"], "sweep", cfg.sweep.name)

@@ -6,7 +6,7 @@ import re
 
 from ray.runtime_env import RuntimeEnv
 
-from tests.infra.infra_lib import README, RUNTIME_ENV_YAML, yaml_docs
+from tests.infra.infra_lib import README, REPO, RUNTIME_ENV_YAML, yaml_docs
 
 ENV = yaml_docs(RUNTIME_ENV_YAML)[0]
 
@@ -31,6 +31,27 @@ def test_excludes_keep_the_upload_small_and_clean():
         "infra/local/.env",
     ):
         assert must in excludes, must
+
+
+def default_outputs() -> list[str]:
+    """What the jobs write into the working directory when given no locations, from their
+    configs' own defaults."""
+    from service.config import DataConfig, PretrainConfig, ReconstructConfig, TuneJobConfig
+    from service.config.locations import DEFAULT_MLFLOW_DB
+
+    folders = [PretrainConfig().checkpoint.storage_path, TuneJobConfig().sweep.storage_path,
+               DataConfig().embedded_dir, "mlartifacts"]  # MLflow's artifacts beside its sqlite store
+    return [f"{f}/" for f in folders] + [DEFAULT_MLFLOW_DB, ReconstructConfig().out]
+
+
+def test_every_default_output_is_neither_uploaded_nor_committed():
+    """A job's outputs in a checkout must not travel with `ray job submit --working-dir .` nor
+    make git (and so every run's `git_dirty` tag) see the checkout as changed."""
+    excludes = set(ENV["excludes"])
+    ignored = set((REPO / ".gitignore").read_text().split())
+    for output in default_outputs():
+        assert output in excludes, f"{output} is uploaded by --working-dir ."
+        assert output in ignored, f"{output} is not in .gitignore"
 
 
 def test_carries_no_secrets():

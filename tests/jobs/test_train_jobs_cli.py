@@ -122,3 +122,24 @@ def test_the_metric_names_the_readme_gives_are_the_logged_ones():
     # and every metric of a training step's log window is in the README
     step = re.findall(rf'"({METRIC})"', (root / "service" / "training" / "loop.py").read_text())
     assert set(step) - readme == set(), f"logged but not in the README: {sorted(set(step) - readme)}"
+
+
+# What Ray, MLflow and DeepSpeed used to print in every run (service.runtime.logs says why each
+# is noise and where it is silenced).
+KNOWN_NOISE = ("Reporting training result", "Checkpoint successfully created", "Requesting resources",
+               "Started training worker group", "Token authentication is enabled for this Ray cluster",
+               "Creating initial MLflow database tables", "Successfully registered model", "Created version '",
+               "Setting accelerator to CPU", "built successfully", "Processing zero checkpoint",
+               "Reconstructed fp32 state dict", "has no artifacts at artifact path")
+
+
+@pytest.mark.e2e
+def test_a_pretraining_run_prints_our_lines_and_no_known_noise(digits_dir, tmp_path):
+    out = run_job("pretrain", "--data.embedded_dir", str(digits_dir), "--model.img_size", "32",
+                  "--train.max_steps", "2", "--train.knn_train_samples", "64", "--data.loader_workers", "0",
+                  "--mlflow.system_metrics", "false", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "service.training.loop INFO first step 1 done" in text  # our own lines come through
+    assert "registered model: models:/convmae_tiny-32px-digits/1" in out.stdout
+    assert [noise for noise in KNOWN_NOISE if noise in text] == []

@@ -55,6 +55,38 @@ def test_bad_values_fail_naming_the_value_and_what_is_allowed(key, value, fragme
     assert key.split(".")[-1] in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "cls, key, value, allowed",
+    [
+        # A worker would fail building a 100000-px model (exit 1, a traceback) after the cluster started.
+        (PretrainConfig, "model.img_size", 100000, "a multiple of 16 (the patch size of convmae_tiny) in 16..4096"),
+        ("FinetuneConfig", "img_size", 8192, "0 (the model's own) or a multiple of 16 in 16..4096"),
+        ("EvaluateConfig", "img_size", 4112, "0 (the model's own) or a multiple of 16 in 16..4096"),
+        # torch.manual_seed overflows past 64 bits, in the workers; numpy's RandomState past 32.
+        (PretrainConfig, "train.seed", 10**20, "a whole number in 0..9223372036854775807 (2**63 - 1)"),
+        (PretrainConfig, "train.seed", -1, "a whole number in 0..9223372036854775807 (2**63 - 1)"),
+        ("FinetuneConfig", "train.seed", 2**63, "a whole number in 0..9223372036854775807 (2**63 - 1)"),
+        ("EvaluateConfig", "seed", 10**20, "a whole number in 0..9223372036854775807 (2**63 - 1)"),
+        ("ReconstructConfig", "seed", -5, "a whole number in 0..9223372036854775807 (2**63 - 1)"),
+        ("TuneJobConfig", "sweep.seed", 2**32, "a whole number in 0..4294967295 (2**32 - 1)"),
+    ],
+)
+def test_sizes_and_seeds_out_of_what_the_model_and_rngs_take_fail_up_front(cls, key, value, allowed):
+    import service.config
+
+    cls = getattr(service.config, cls) if isinstance(cls, str) else cls
+    with pytest.raises(ConfigError) as err:
+        load_config(cls, None, {key: value})
+    assert str(err.value) == f"{key}={value!r} is not allowed: {allowed}"
+
+
+def test_the_largest_seeds_and_image_size_are_taken():
+    from service.config import TuneJobConfig
+
+    load_config(PretrainConfig, None, {"train.seed": 2**63 - 1, "model.img_size": 4096})
+    load_config(TuneJobConfig, None, {"sweep.seed": 2**32 - 1})
+
+
 def test_unknown_keys_and_bad_types_are_rejected():
     with pytest.raises(ConfigError, match="train.learning_rat"):
         load_config(PretrainConfig, None, {"train.learning_rat": 1})
@@ -178,3 +210,32 @@ def test_malformed_yaml_names_the_file_and_the_line(tmp_path, text, where):
     path.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="cannot be read: 'utf-8' codec"):
         load_config(PretrainConfig, path)
+
+
+def test_a_pretrained_models_registered_name_says_what_it_holds():
+    from service.config.jobs import DEFAULT_MODEL
+
+    assert PretrainConfig().registered_name() == "convmae_tiny-96px-digits"
+    # The downstream jobs' default is what the zero-flag run registers, and nothing else.
+    assert DEFAULT_MODEL == "models:/convmae_tiny-96px-digits/latest"
+    own = with_overrides(PretrainConfig(), {"data.url": "s3://bucket/my cats/train", "model.img_size": 64})
+    assert own.registered_name() == "convmae_tiny-64px-my-cats"
+    named = with_overrides(PretrainConfig(), {"mlflow.registered_model_name": "mine"})
+    assert named.registered_name() == "mine"
+
+
+def test_shipped_configs_of_different_models_register_different_names():
+    from pathlib import Path
+
+    from service.config import TuneJobConfig
+
+    root = Path(__file__).resolve().parents[3] / "jobs" / "configs"
+    holds: dict[str, set[tuple]] = {}
+    configs = [load_config(TuneJobConfig, p).pretrain() for p in root.glob("sweep_*.yaml")]
+    configs += [load_config(PretrainConfig, p) for p in root.glob("*.yaml") if not p.name.startswith(("sweep_",
+                                                                                                      "finetune_"))]
+    configs.append(PretrainConfig())  # the zero-flag run
+    for cfg in configs:
+        holds.setdefault(cfg.registered_name(), set()).add((cfg.model.name, cfg.model.img_size, cfg.data.url))
+    assert len(configs) >= 5
+    assert all(len(models) == 1 for models in holds.values()), holds

@@ -78,6 +78,20 @@ def test_training_stops_on_a_damaged_shard_instead_of_skipping_images(dataset_di
         list(loader)
 
 
+def test_a_manifest_claiming_more_samples_than_its_shard_bytes_hold_is_refused_on_open(dataset_dir):
+    # 1e18 samples would reach the workers, whose epoch plans then never end (or run out of memory).
+    path = dataset_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["shards"][1]["num_samples"] = 10**18
+    manifest["num_samples"] = sum(s["num_samples"] for s in manifest["shards"])
+    path.write_text(json.dumps(manifest))
+    size = (dataset_dir / "shard-000001.tar").stat().st_size
+    with pytest.raises(DataError) as caught:
+        open_dataset(str(dataset_dir))
+    assert (f"shard shard-000001.tar claims {10**18} samples in {size} bytes, more than the {size // 512} "
+            "its bytes can hold") in str(caught.value)
+
+
 def test_partial_reads_are_not_checked(dataset_dir):
     # Checking a read of samples 1..2 would mean reading the rest of the shard; it is left to
     # the whole reads, which every epoch makes of all but a few shards.

@@ -16,10 +16,9 @@ from benchmarks.data_throughput import photo_like_jpeg
 from service.config import ConfigError, PretrainConfig, load_config
 from service.data import DataError, build_train_loader
 from service.data.gpu_decode import GpuDecoder, decode_device, gpu_decode_available, pil_decoder
-from service.data.prepare import write_dataset
-from service.data.sources import MemorySource
 from service.data.transforms import train_transform
 from tests.service.data.conftest import config, image_bytes, storage
+from tests.service.data.hostile import write_unchecked_dataset
 
 
 @pytest.fixture
@@ -37,8 +36,8 @@ def write_mixed(tmp_path, truncated: bool) -> str:
     Image.fromarray(rng.integers(0, 256, (60, 80), dtype=np.uint8)).save(grey, format="JPEG")
     items += [("grey", "jpg", grey.getvalue(), 2), ("broken", "jpg", b"\xff\xd8\xff not a jpeg", 0),
               ("cut", "jpg", items[0][2][:200] if truncated else b"not an image", 0)]
-    write_dataset(MemorySource("mixed", items), str(tmp_path / "ds"), samples_per_shard=7)
-    return str(tmp_path / "ds")
+    # As they are: preparation would refuse the cut JPEG (and the broken one) when packing.
+    return write_unchecked_dataset(tmp_path / "ds", items, num_classes=3, samples_per_shard=7)
 
 
 def epoch(url: str, workers: int, on_device: bool) -> tuple[list[dict], int]:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.data_throughput import photo_like_jpeg
-from service.data.jpeg import decode_jpeg_rgb, encoded_jpeg
+from service.data.jpeg import CorruptJpeg, decode_jpeg_rgb, encoded_jpeg
 from service.data.transforms import full_size_pixels
 
 
@@ -55,8 +55,11 @@ def test_other_images_go_to_pil():
     assert encoded_jpeg(decoded) is None  # its bytes are no longer what it shows
 
 
-def test_a_corrupt_jpeg_fails_as_pil_fails():
+def test_a_truncated_jpeg_fails_and_is_not_handed_to_pil():
     truncated = PHOTO[: len(PHOTO) // 2]
-    assert decode_jpeg_rgb(truncated) is None  # libjpeg-turbo refuses it; PIL decides
-    with pytest.raises(OSError):
+    with pytest.raises(CorruptJpeg, match="truncated"):  # PIL would fill the rest with grey
+        decode_jpeg_rgb(truncated)
+    with pytest.raises(CorruptJpeg):
         full_size_pixels(Image.open(io.BytesIO(truncated)))
+    garbage = PHOTO[:200] + bytes(range(256)) * 4  # not a truncation: libjpeg-turbo refuses, PIL decides
+    assert decode_jpeg_rgb(garbage) is None

@@ -199,8 +199,10 @@ def test_local_paths_that_are_not_data_sets_are_named(tmp_path):
         open_dataset(str(tmp_path / "nope"), storage())
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
-    with pytest.raises(DataError, match="not a prepared data set.*prepare_data.py"):
+    with pytest.raises(DataError, match="not a prepared data set.*prepare_data.py") as err:
         open_dataset(f"file://{tmp_path}/photos", storage())
+    # The shards it suggests go beside the source folder, not into it.
+    assert f"prepare_data.py file://{tmp_path}/photos file://{tmp_path}/photos-shards," in str(err.value)
     with pytest.raises(DataError, match="data URL is empty"):
         open_dataset("", storage())
 

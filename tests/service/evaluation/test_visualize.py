@@ -4,7 +4,12 @@ import numpy as np
 import torch
 
 import convmae
-from service.evaluation.visualize import COLUMNS, reconstruction_grid, render_reconstructions
+from service.evaluation.visualize import (
+    COLUMNS,
+    reconstruction_grid,
+    render_reconstructions,
+    to_uint8,
+)
 
 GAP = 2
 
@@ -42,15 +47,28 @@ def test_grid_has_one_row_per_image_and_four_panels_with_gaps():
     assert sum(hidden) == 3
 
 
-def test_norm_pix_predictions_are_drawn_in_pixel_space():
+def test_norm_pix_predictions_are_drawn_in_pixel_space_with_each_patchs_statistics():
     images = normalised_images(2, 32, seed=1, low=100, high=140)  # low contrast: unit variance is far off
     target = convmae.patchify(images, 16)
     normalised = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     mask = torch.ones(2, 4)  # everything masked: the reconstruction panel is the prediction alone
     cfg = convmae.get_config("convmae_tiny", img_size=32)  # norm_pix_loss=True
-    grid = np.asarray(reconstruction_grid(cfg, images, normalised, mask)).astype(int)
+    grid = np.asarray(reconstruction_grid(cfg, images, normalised, mask, stats="target")).astype(int)
     for row in range(2):
         assert np.abs(tile(grid, row, 2, 32) - tile(grid, row, 0, 32)).max() <= 1
     # Drawn as if the model predicted raw pixels, the same output would be far off.
-    raw = np.asarray(reconstruction_grid(cfg.replace(norm_pix_loss=False), images, normalised, mask)).astype(int)
+    raw = np.asarray(reconstruction_grid(cfg.replace(norm_pix_loss=False), images, normalised, mask,
+                                         stats="target")).astype(int)
     assert np.abs(tile(raw, 0, 2, 32) - tile(raw, 0, 0, 32)).mean() > 20
+
+
+def test_grids_draw_masked_patches_with_the_visible_patches_statistics_by_default():
+    images = normalised_images(1, 32, seed=2, low=0, high=255)
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])  # one visible patch
+    cfg = convmae.get_config("convmae_tiny", img_size=32)
+    flat = torch.zeros(1, 4, 768)  # the per-patch mean everywhere
+    grid = np.asarray(reconstruction_grid(cfg, images, flat, mask)).astype(int)
+    visible_mean = convmae.patchify(images, 16)[0, 0].mean()
+    expected = to_uint8(torch.full((1, 3, 1, 1), float(visible_mean)).expand(1, 3, 32, 32) * 1.0)[0]
+    # The reconstruction panel is flat at the visible patch's mean, whatever the masked pixels were.
+    assert np.abs(tile(grid, 0, 2, 32) - expected.astype(int)).max() <= 1

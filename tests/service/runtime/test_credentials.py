@@ -63,6 +63,36 @@ def test_a_planted_secret_reaches_no_ray_log_mlflow_store_or_checkpoint(ray_clus
         assert not leaks, f"a credential was written to {leaks}"
 
 
+@pytest.mark.e2e
+def test_a_planted_secret_reaches_no_ray_log_in_a_sweep(ray_cluster, s3_bucket, digits_dir, tmp_path, monkeypatch):
+    """Ray Tune copies the driver's AWS_* variables into every trial's runtime env, which Ray
+    writes in plain text to runtime_env_agent.log; the sweep's trials must get them another way."""
+    import ray
+    import s3fs
+
+    from service.tune.sweep import run_sweep
+    from tests.service.tune.test_tune_e2e import sweep_config
+
+    secret = f"planted-{secrets.token_hex(16)}"
+    token = f"planted-token-{secrets.token_hex(16)}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", token)
+    s3fs.S3FileSystem.clear_instance_cache()
+    cfg = with_overrides(sweep_config(f"{s3_bucket}/secret-sweeps", digits_dir, f"sqlite:///{tmp_path}/mlruns.db"), {
+        "sweep.name": "secret-sweep", "sweep.space": {"train.blr": "grid [2.0e-3]"}, "sweep.scheduler": "fifo",
+        "train.max_steps": 2, "mlflow.register": False,
+    })
+    result = run_sweep(cfg)
+    # The trial trained with the shared credentials: its checkpoint is in the bucket.
+    assert [t.checkpoint_path is not None and t.objective is not None for t in result.trials] == [True], result.table
+
+    session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
+    assert list(session_dir.glob("logs/runtime_env_agent*.log")), "no runtime env log to search"
+    for needle in (secret.encode(), token.encode()):
+        leaks = files_containing(session_dir, needle) + files_containing(tmp_path, needle)
+        assert not leaks, f"a credential was written to {leaks}"
+
+
 def test_workers_get_the_drivers_credentials_through_the_object_store(ray_cluster, monkeypatch):
     import ray
 
@@ -90,7 +120,7 @@ def test_workers_get_the_drivers_credentials_through_the_object_store(ray_cluste
         adopt_credentials(loop_config["credentials"])
         return {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
 
-    # Inside the worker's config, as Launch.loop_config hands it over: a reference, not the value.
+    # Inside the workers' settings, as WorkerSettings carries it: a reference, not the value.
     got = ray.get(worker_env.remote({"credentials": share_credentials()}))
     # The driver's set travels whole: no token of the worker's own is mixed into it.
     assert got == {"AWS_ACCESS_KEY_ID": "driver-key", "AWS_SECRET_ACCESS_KEY": "driver-secret",

@@ -99,3 +99,83 @@ def test_load_model_in_a_fresh_process_honours_its_uri_and_writes_nothing_to_the
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == [w for u in uris for w in (u, "ConvMAE")]
     assert list(cwd.iterdir()) == []  # no mlflow.db, no mlruns
+
+
+# ---------------------------------------------------------------- artifacts are data only
+
+
+@pytest.fixture()
+def local_model(tmp_path, monkeypatch):
+    """A tiny model registered in a sqlite store whose artifacts are a local folder (the
+    artifact store a test can write to as an intruder would); (tracking URI, model root)."""
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    name = f"data-only-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "weights").mkdir()
+    register_tiny_model(uri, name, tmp_path / "weights", monkeypatch)
+    [mlmodel] = [p for p in tmp_path.rglob("MLmodel") if "weights" not in p.parts]
+    return uri, f"models:/{name}/1", mlmodel.parent
+
+
+def test_a_registered_model_holds_data_only_and_loads_through_the_installed_package(local_model):
+    import mlflow.pyfunc
+    import numpy as np
+    import yaml
+
+    from service.tracking.registry import load_pyfunc
+
+    uri, model_uri, root = local_model
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert "data/convmae/model.safetensors" in files and "data/convmae/config.json" in files
+    assert not [f for f in files if f.endswith((".py", ".pyc", ".pkl", ".pickle")) or "pickle" in f], files
+    pyfunc = yaml.safe_load((root / "MLmodel").read_text())["flavors"]["python_function"]
+    assert pyfunc["loader_module"] == "service.tracking.pyfunc" and not pyfunc.get("code")
+    assert "python_model" not in pyfunc and "cloudpickle_version" not in pyfunc
+
+    images = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    expected = convmae.encoder_embedding(load_model(model_uri, tracking_uri=uri).eval(), torch.from_numpy(images))
+    for loaded in (mlflow.pyfunc.load_model(model_uri), load_pyfunc(model_uri, tracking_uri=uri)):
+        assert np.allclose(loaded.predict(images), expected.detach().numpy(), atol=1e-5)
+
+
+PAYLOAD = "import pathlib; pathlib.Path({marker!r}).write_text('ran')\n"
+
+
+def plant_code(root: Path, marker: Path) -> None:
+    """What an intruder in the artifact store would do: Python files beside the weights and an
+    MLmodel that names them as the loader, with a code folder MLflow puts on sys.path."""
+    import yaml
+
+    (root / "code").mkdir()
+    (root / "code" / "intruder_loader.py").write_text(
+        PAYLOAD.format(marker=str(marker)) + "def _load_pyfunc(data_path):\n    return None\n")
+    (root / "data" / "convmae" / "__init__.py").write_text(PAYLOAD.format(marker=str(marker)))
+    meta = yaml.safe_load((root / "MLmodel").read_text())
+    meta["flavors"]["python_function"].update(loader_module="intruder_loader", code="code")
+    (root / "MLmodel").write_text(yaml.safe_dump(meta))
+
+
+def test_code_planted_in_the_artifact_store_is_never_run_on_load(local_model, tmp_path):
+    from service.models.source import ModelSourceError
+    from service.tracking.registry import load_pyfunc
+
+    uri, model_uri, root = local_model
+    marker = tmp_path / "MARKER"
+    plant_code(root, marker)
+    assert isinstance(load_model(model_uri, tracking_uri=uri), convmae.ConvMAE)  # reads JSON + safetensors only
+    with pytest.raises(ModelSourceError) as refused:
+        load_pyfunc(model_uri, tracking_uri=uri)
+    assert "loader_module='intruder_loader'" in str(refused.value) and "code='code'" in str(refused.value)
+    assert not marker.exists(), "the planted code ran"
+
+
+def test_loading_a_registered_model_leaves_nothing_in_the_temp_directory(mlflow_server, run, tmp_path, monkeypatch):
+    """It left a convmae-model-* download behind at every call."""
+    import tempfile
+
+    _, run_id, name = run
+    out = register(mlflow_server, run_id, name, checkpoint_of(tmp_path / "ckpt"), exporter([]))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert isinstance(load_model(out["registered_uri"], tracking_uri=mlflow_server), convmae.ConvMAE)
+    assert list(temp.iterdir()) == []

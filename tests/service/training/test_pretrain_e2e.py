@@ -150,6 +150,9 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(ray_cluster, digits
                     for r in (straight, resumed))
     assert sorted(val_a) == sorted(val_b) == [0, steps]
     assert val_b[0] == pytest.approx(val_a[0], rel=1e-6) and val_a[0] != pytest.approx(val_a[steps], rel=1e-3)
+    # So is its reconstruction grid, beside the trained model's.
+    grids = [a.path for a in client.list_artifacts(straight.mlflow_run_id, "reconstructions")]
+    assert grids == ["reconstructions/step_0000000.png", f"reconstructions/step_{steps:07d}.png"]
 
 
 # ZeRO-2 runs in every other test here; 3 partitions the weights too. 0 and 1 are also covered

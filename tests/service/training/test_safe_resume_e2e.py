@@ -1,7 +1,8 @@
 """Resuming on the real stack (local Ray cluster, DeepSpeed over gloo) from the newest intact
 checkpoint: after a stop that left the newest checkpoint unregistered with Ray (Ctrl-C), past a
-damaged newest checkpoint, past one holding a file that would run code when unpickled, and
-failing clearly when no checkpoint is intact."""
+damaged newest checkpoint, past one holding a file that would run code when unpickled, past
+Ray's run snapshot emptied by a full disk or naming a checkpoint outside the run, past a newest
+checkpoint whose content does not load, and failing clearly when no checkpoint is intact."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import shutil
 import time
 from pathlib import Path
 
+import pyarrow.fs
 import pytest
 from ray.train import UserCallback
 
 from service.config import with_overrides
 from service.runtime.safe_checkpoint import CheckpointError, write_manifest
 from service.training.pretrain import run_pretraining
+from service.training.resume import RunStorage, snapshot_problem
 from tests.service.runtime.test_safe_checkpoint import plant_payload
+from tests.service.training.content_checkpoints import rng_of_another_type
 from tests.service.training.test_pretrain_e2e import tiny_config
 
 pytestmark = pytest.mark.e2e
@@ -90,6 +94,8 @@ def finished_run(ray_cluster, digits_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("finished")
     run_pretraining(config(root, digits_dir))
     assert sorted(checkpoints_by_step(root / "runs" / RUN)) == [2, 4, 6, 8, 10]
+    # The snapshot Ray Train wrote passes the checks that set a damaged one aside.
+    assert snapshot_problem(RunStorage(pyarrow.fs.LocalFileSystem(), str(root / "runs" / RUN))) is None
     return root / "runs"
 
 
@@ -120,6 +126,7 @@ def test_resume_refuses_a_payload_and_skips_damage_in_the_newest_checkpoints(run
     finally:
         assert not marker.exists(), "the payload ran"
     assert steps == [8, 10, 12]
+    assert not list(run_dir.glob("checkpoint_manager_snapshot.json.corrupt-*"))  # Ray's own: kept
     refused = f"refusing to load checkpoint file {by_step[10]}/ds/mp_rank_00_model_states.pt: it needs posix.system"
     skipped = (f"skipping checkpoint {by_step[8]}: checkpoint {by_step[8]} is damaged or incomplete: "
                "ds/mp_rank_00_model_states.pt has")
@@ -145,3 +152,43 @@ def test_without_an_intact_checkpoint_the_run_fails_naming_them(run_copy, digits
         run_pretraining(config(tmp_path, digits_dir, max_steps=12))
     for folder in by_step.values():
         assert f"{folder}: checkpoint {folder} is damaged or incomplete: it has no checksums manifest" in str(err.value)
+
+
+# The two below rerun Ray Train (75-80 s each on the shared 2-core machine): tests/service/training/
+# test_resume_untrusted.py covers the same cases in the default run, without Ray.
+@pytest.mark.slow
+def test_a_rerun_resumes_past_an_empty_run_snapshot_and_a_newest_checkpoint_that_does_not_load(
+        run_copy, digits_dir, tmp_path, capfd):
+    """A full disk left Ray's run snapshot empty: every rerun failed (Ray Train's
+    CheckpointManagerInitializationError). The newest checkpoint (10) passes its checksums but
+    holds an RNG state of another type: it crashed the resume. The snapshot is set aside, 10 is
+    skipped, naming why, and the run resumes from 8."""
+    run_dir, by_step = run_copy
+    (run_dir / "checkpoint_manager_snapshot.json").write_bytes(b"")
+    rng_of_another_type(by_step[10])
+    write_manifest(by_step[10], rank=0, world_size=1)
+    capfd.readouterr()
+    assert rerun(config(tmp_path, digits_dir), tmp_path, 12, "resumed") == [10, 12]
+    skipped = f"skipping checkpoint {by_step[10]}: rng/rank_00000.pt holds a list as the torch RNG state"
+    assert skipped in wait_for_output(capfd, skipped)
+    assert len(list(run_dir.glob("checkpoint_manager_snapshot.json.corrupt-*"))) == 1
+
+
+@pytest.mark.slow
+def test_a_run_snapshot_naming_a_checkpoint_outside_the_run_is_not_resumed_from(run_copy, digits_dir, tmp_path):
+    """Ray's snapshot names ``../../elsewhere`` as the latest checkpoint: a copy of step 6 whose
+    train state claims step 50. The run resumed from it, silently; now from its own newest, 10."""
+    run_dir, by_step = run_copy
+    elsewhere = shutil.copytree(by_step[6], tmp_path / "elsewhere")
+    state = json.loads((elsewhere / "train_state.json").read_text())
+    (elsewhere / "train_state.json").write_text(json.dumps({**state, "optimizer_step": 50}))
+    write_manifest(elsewhere, rank=0, world_size=1)
+    path = run_dir / "checkpoint_manager_snapshot.json"
+    snapshot = json.loads(path.read_text())
+    outside = {**snapshot["latest_checkpoint_result"], "checkpoint_dir_name": "../../elsewhere"}
+    assert (run_dir / outside["checkpoint_dir_name"]).resolve() == elsewhere
+    snapshot["checkpoint_results"].append(outside)
+    snapshot["checkpoint_report_indices"].append(max(snapshot["checkpoint_report_indices"]) + 1)
+    snapshot["latest_checkpoint_result"] = outside
+    path.write_text(json.dumps(snapshot))
+    assert rerun(config(tmp_path, digits_dir), tmp_path, 12, "resumed") == [12]

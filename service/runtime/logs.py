@@ -1,0 +1,199 @@
+"""Every line a process of ours logs or dies with passes through redaction.
+
+A URL given as ``http://user:password@host`` reaches messages in many ways: our own log lines,
+a library's warning that quotes its client's URL (MLflow's, botocore's), an exception's text in a
+traceback. Redacting at each call site misses the next one, so redaction sits where every
+message is made instead: the process's log record factory (every logger, whatever its handlers)
+and its last-resort exception hooks. The job's one-line errors go through ``redact_text`` too
+(``service.cli``), and so does what a job prints as its result (``redacted_stdout``).
+
+Known third-party noise is silenced where it is made, so that a job's output holds our lines
+and real problems only. Each entry says why it is noise; a library's warnings and errors
+otherwise pass untouched:
+
+- Ray Train's INFO lines (resource requests, worker-group start, "Reporting training result"
+  and "Checkpoint successfully created" every checkpoint): Ray Train's own ``LoggingConfig``
+  at WARNING (``service.training.launch``); they stay in Ray's session log files.
+- Ray's "Token authentication is enabled for this Ray cluster" on every local start: the
+  cluster we start always has token auth (README, Security).
+- MLflow's "Creating initial MLflow database tables" / "Updating database tables" of a new
+  sqlite store, and its "Successfully registered model" / "Created version" (we log the
+  registered version ourselves).
+- DeepSpeed's "Setting accelerator to CPU" on machines without a GPU (``DS_ACCELERATOR`` is set
+  to cpu there instead of left to detection), "... built successfully" of its prebuilt CPU comm
+  op, and ``zero_to_fp32``'s four progress prints per exported checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import logging
+import os
+import re
+import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, TextIO
+
+from service.config import redact_text
+
+_TRACEBACKS = logging.Formatter()
+
+# logger -> what part of its messages is noise (see the module docstring).
+_NOISY_MESSAGES: dict[str, tuple[str, ...]] = {
+    "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray",),
+    "mlflow.store.db.utils": ("Creating initial MLflow database tables", "Updating database tables"),
+}
+# What third-party calls print (not log) that is noise, dropped around those calls.
+DEEPSPEED_PRINTS = (r"^DeepSpeed .* built successfully$", r"^Processing zero checkpoint ",
+                    r"^Parsing checkpoint created by deepspeed", r"^Detected checkpoint of type zero stage",
+                    r"^Reconstructed (Frozen )?fp32 state dict with ")
+MLFLOW_REGISTRY_PRINTS = (r"^Successfully registered model ", r"^Created version '.*' of model ")
+
+
+def redact_record(record: logging.LogRecord) -> logging.LogRecord:
+    """``record`` with its message (arguments merged in) and traceback redacted."""
+    try:
+        message = record.getMessage()
+    except Exception:  # a malformed logging call: logging's own error report names it
+        return record
+    clean = redact_text(message)
+    if clean != message:
+        record.msg, record.args = clean, None
+    if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+        text = _TRACEBACKS.formatException(record.exc_info)
+        clean = redact_text(text)
+        if clean != text:
+            record.exc_text = clean  # formatters print exc_text when it is set
+    return record
+
+
+def install_redaction() -> None:
+    """Makes every log record this process creates, and any uncaught exception it prints,
+    pass through ``redact_text``. Idempotent; Ray's own record factory, installed before or
+    after, chains with this one."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "redacts", False):
+        return
+
+    def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        return redact_record(factory(*args, **kwargs))
+
+    redacting_factory.redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(redacting_factory)
+    sys.excepthook = _redacting_excepthook
+    threading.excepthook = _redacting_thread_excepthook
+
+
+def quiet_known_noise() -> None:
+    """Drops the known noise third-party loggers make (the module docstring lists it and why).
+    Idempotent."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():  # what DeepSpeed would detect, minus its warning
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    noisy = dict(_NOISY_MESSAGES)
+    # Ray Train names this logger by its file's path, outside the ``ray.train`` logger whose
+    # level its LoggingConfig sets.
+    reports = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if reports is not None and reports.origin:
+        noisy[reports.origin] = ("Reporting training result",)
+    for name, fragments in noisy.items():
+        _add_filter(logging.getLogger(name), _Dropping(fragments))
+    # In Ray Train workers ``print`` logs to the root logger (Ray's print patch).
+    _add_filter(logging.getLogger(), _Dropping(patterns=DEEPSPEED_PRINTS + MLFLOW_REGISTRY_PRINTS))
+
+
+def _add_filter(logger: logging.Logger, dropping: logging.Filter) -> None:
+    if not any(isinstance(f, _Dropping) for f in logger.filters):
+        logger.addFilter(dropping)
+
+
+class _Dropping(logging.Filter):
+    """Drops records whose message holds one of ``fragments`` or matches one of ``patterns``."""
+
+    def __init__(self, fragments: tuple[str, ...] = (), patterns: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.fragments = fragments
+        self.patterns = [re.compile(p) for p in patterns]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (any(f in message for f in self.fragments) or any(p.search(message) for p in self.patterns))
+
+
+def _redacting_excepthook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    sys.stderr.write(redact_text("".join(traceback.format_exception(kind, value, tb))))
+
+
+def _redacting_thread_excepthook(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    sys.stderr.write(f"Exception in thread {name}:\n")
+    _redacting_excepthook(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+
+
+class _RedactingWriter(io.TextIOBase):
+    def __init__(self, target: TextIO) -> None:
+        self._target = target
+
+    def write(self, text: str) -> int:
+        self._target.write(redact_text(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._target.flush()
+
+
+@contextmanager
+def redacted_stdout() -> Iterator[None]:
+    """What the block prints to stdout passes through ``redact_text`` (a job's result table may
+    quote the ``--model`` URL it was given)."""
+    target = sys.stdout
+    sys.stdout = _RedactingWriter(target)
+    try:
+        yield
+    finally:
+        sys.stdout = target
+
+
+class _LineDroppingWriter(io.TextIOBase):
+    def __init__(self, target: TextIO, patterns: tuple[str, ...]) -> None:
+        self._target = target
+        self._patterns = [re.compile(p) for p in patterns]
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            if not any(p.search(line) for p in self._patterns):
+                self._target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending and not any(p.search(self._pending) for p in self._patterns):
+            self._target.write(self._pending)
+        self._pending = ""
+        self._target.flush()
+
+
+@contextmanager
+def dropping_printed_lines(patterns: tuple[str, ...], stream: str = "stdout") -> Iterator[None]:
+    """Lines the block prints to ``stream`` (stdout or stderr) that match one of ``patterns``
+    (regular expressions) are dropped: known noise a library prints instead of logging; every
+    other line passes."""
+    target = getattr(sys, stream)
+    writer = _LineDroppingWriter(target, patterns)
+    setattr(sys, stream, writer)
+    try:
+        yield
+    finally:
+        writer.flush()
+        setattr(sys, stream, target)

@@ -1,0 +1,128 @@
+"""Every message passes through redaction: log records of any logger, uncaught tracebacks,
+a job's one-line error and its printed result carry no URL password."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.config import redact_text
+
+ROOT = Path(__file__).resolve().parents[3]
+PASSWORD = "s3cr3t-pw"
+
+
+@pytest.mark.parametrize(("text", "clean"), [
+    (f"http://user:{PASSWORD}@127.0.0.1:9/x.pth", "http://127.0.0.1:9/x.pth"),
+    (f"cannot read (endpoint http://minio:{PASSWORD}@host:9000)", "cannot read (endpoint http://host:9000)"),
+    (f"two: s3://k:{PASSWORD}@b/p and 'https://u:{PASSWORD}@h'", "two: s3://b/p and 'https://h'"),
+    (f"http://u:p@{PASSWORD}@host/a", "http://host/a"),  # an unescaped @ in the password
+    ("mail me at a@b.c, see http://host/a@b", "mail me at a@b.c, see http://host/a@b"),  # no userinfo
+])
+def test_redact_text_removes_every_urls_userinfo(text, clean):
+    assert redact_text(text) == clean
+
+
+def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *(["-c", code] if code else []), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+
+
+def test_records_of_any_logger_and_their_tracebacks_are_redacted():
+    # In a child process: the record factory and exception hooks are process-wide.
+    code = f"""
+import io, logging
+from service.runtime.logs import install_redaction
+install_redaction()
+out = io.StringIO()
+lib = logging.getLogger("some.library")  # its own handler, not propagating: as MLflow's logger is
+lib.propagate = False
+handler = logging.StreamHandler(out)
+handler.setFormatter(logging.Formatter("%(message)s"))
+lib.addHandler(handler)
+lib.warning("MLflow at %s is unavailable (%s)", "http://user:{PASSWORD}@h:5000", ValueError("http://u:{PASSWORD}@h"))
+try:
+    raise ConnectionError("cannot connect to https://u:{PASSWORD}@h/api")
+except ConnectionError:
+    lib.exception("request failed")
+print(out.getvalue())
+raise RuntimeError("uncaught: s3://key:{PASSWORD}@bucket/x")
+"""
+    result = run_python(code)
+    assert "MLflow at http://h:5000 is unavailable (http://h)" in result.stdout
+    assert "ConnectionError: cannot connect to https://h/api" in result.stdout
+    assert "RuntimeError: uncaught: s3://bucket/x" in result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_the_mlflow_unreachable_warning_shows_no_password():
+    code = f"""
+from service.cli import setup_logging
+from service.tracking import open_run
+setup_logging()
+tracker = open_run("http://user:{PASSWORD}@127.0.0.1:9", "x", identity={{"k": "v"}}, run_name="r")
+assert not tracker.enabled
+"""
+    result = run_python(code, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "MLflow at http://127.0.0.1:9 is unavailable" in result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("job", "args", "names"), [
+    ("evaluate.py", ["--model", f"http://user:{PASSWORD}@127.0.0.1:9/x.pth"], "--model 'http://127.0.0.1:9/x.pth'"),
+    ("pretrain.py", ["--storage.endpoint_url", f"http://user:{PASSWORD}@127.0.0.1:9", "--data.url", "s3://bucket/x"],
+     "(endpoint http://127.0.0.1:9)"),
+])
+def test_a_jobs_error_line_names_the_url_without_its_password(job, args, names, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "jobs" / job), *args, "--data.embedded_dir", str(tmp_path)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            env={**os.environ, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{job}: error: ") and names in last, last
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_what_a_job_prints_is_redacted(capsys):
+    from service.runtime.logs import redacted_stdout
+
+    with redacted_stdout():
+        print(f"model http://user:{PASSWORD}@h/x.pth: top-1 0.9")
+    assert capsys.readouterr().out == "model http://h/x.pth: top-1 0.9\n"
+
+
+def test_known_printed_noise_is_dropped_and_every_other_line_passes(capsys):
+    from service.runtime.logs import DEEPSPEED_PRINTS, dropping_printed_lines
+
+    with dropping_printed_lines(DEEPSPEED_PRINTS):
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        print("Processing zero checkpoint '/x/ds'")
+        print("a real problem: shard 3 is missing")
+        print("Reconstructed fp32 state dict with 103 params 360320 elements")
+        print("no newline at the end", end="")
+    assert capsys.readouterr().out == "a real problem: shard 3 is missing\nno newline at the end"
+
+
+def test_known_logged_noise_is_dropped_at_its_logger_and_its_other_messages_pass():
+    code = """
+import io, logging
+from service.runtime.logs import quiet_known_noise
+quiet_known_noise()
+out = io.StringIO()
+logging.basicConfig(stream=out, level=logging.INFO, format="%(name)s %(message)s")
+db = logging.getLogger("mlflow.store.db.utils")
+db.info("Creating initial MLflow database tables...")
+db.warning("the store is read-only")
+logging.getLogger("ray._private.authentication.authentication_token_setup").warning(
+    "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+print(out.getvalue(), end="")
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "mlflow.store.db.utils the store is read-only\n"
