@@ -217,9 +217,9 @@ def test_a_two_node_run_trains_one_worker_per_node_and_refuses_node_local_storag
 @pytest.mark.slow
 def test_a_sweep_spreads_its_trials_over_nodes_and_a_lost_node_costs_its_trial_a_resume(
         s3_bucket, mlflow_server, digits_dir, tmp_path):
-    # The trials' drivers (sweep.driver_cpus 0.25 each) fit on the head; each trial's 1-CPU
-    # worker needs a worker node of its own; two spare nodes.
-    with running_multinode_cluster(worker_nodes=4, head_cpus=0.5) as cluster:
+    # The trials' drivers (sweep.driver_cpus 0.25 each) fit on the head (1 CPU; with them there,
+    # no 1-CPU worker fits beside them); each trial's worker needs a worker node of its own; two spares.
+    with running_multinode_cluster(worker_nodes=4, head_cpus=1) as cluster:
         sweep_loses_a_node(cluster, s3_bucket, mlflow_server, digits_dir, tmp_path)
 
 
