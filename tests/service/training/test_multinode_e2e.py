@@ -217,8 +217,9 @@ def test_a_two_node_run_trains_one_worker_per_node_and_refuses_node_local_storag
 @pytest.mark.slow
 def test_a_sweep_spreads_its_trials_over_nodes_and_a_lost_node_costs_its_trial_a_resume(
         s3_bucket, mlflow_server, digits_dir, tmp_path):
-    # The trials' drivers (sweep.driver_cpus 0.25 each) fit on the head (1 CPU; with them there,
-    # no 1-CPU worker fits beside them); each trial's worker needs a worker node of its own; two spares.
+    # Room for the trials' drivers (sweep.driver_cpus 0.25 each) on the head (1 CPU: Ray's node
+    # resources are whole numbers, so one trial's worker may land there instead); each trial's
+    # 1-CPU worker needs a node of its own; spares for the one that loses its node.
     with running_multinode_cluster(worker_nodes=4, head_cpus=1) as cluster:
         sweep_loses_a_node(cluster, s3_bucket, mlflow_server, digits_dir, tmp_path)
 
@@ -242,8 +243,10 @@ def sweep_loses_a_node(cluster: MultiNodeCluster, s3_bucket: str, mlflow_server:
         seen = read_seen(seen_log)
         nodes_by_process = {e["attempt"]: e["node"] for e in seen}
         assert len(set(nodes_by_process.values())) == len(nodes_by_process) == 2  # one trial per node
-        lost_process = seen[-1]["attempt"]
-        cluster.kill_node(next(n for n in cluster.workers if n.node_id == nodes_by_process[lost_process]))
+        # A trial whose worker is on a worker node (the head, with room for one, may hold the other's).
+        worker_nodes = {n.node_id: n for n in cluster.workers}
+        lost_node = next(node for node in nodes_by_process.values() if node in worker_nodes)
+        cluster.kill_node(worker_nodes[lost_node])
     finally:
         out = finish(job, log_path)
 
@@ -251,7 +254,8 @@ def sweep_loses_a_node(cluster: MultiNodeCluster, s3_bucket: str, mlflow_server:
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("multinode-sweep").experiment_id])
     trials = [r for r in runs if r.data.tags.get("convmae.trial_id")]
-    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    # train.max_steps ends them inside their first epoch: the sweep reports them stopped early.
+    assert len(trials) == 2 and all(r.info.status != "FAILED" for r in trials), [r.info.status for r in trials]
     for trial in trials:
         steps = [m.step for m in client.get_metric_history(trial.info.run_id, "train/loss")]
         assert sorted(steps) == list(range(1, 41))  # each step once, the lost trial's too
