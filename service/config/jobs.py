@@ -9,6 +9,7 @@ is allowed.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,19 @@ class TrainingJobConfig:
     @property
     def effective_batch_size(self) -> int:
         return self.train.batch_size_per_worker * self.dist.num_workers * self.train.grad_accum_steps
+
+    def at_world_size(self, workers: int) -> TrainingJobConfig:
+        """This config as ``workers`` workers run it: the global batch of ``dist.num_workers``
+        workers kept, gradient accumulation taking up what absent workers leave (an elastic run
+        that lost nodes). Validation made the division exact for every allowed size."""
+        if workers == self.dist.num_workers:
+            return self
+        import dataclasses
+
+        micro_per_step = self.dist.num_workers * self.train.grad_accum_steps
+        return dataclasses.replace(
+            self, train=dataclasses.replace(self.train, grad_accum_steps=micro_per_step // workers),
+            dist=dataclasses.replace(self.dist, num_workers=workers))
 
     @property
     def learning_rate(self) -> float:
@@ -374,6 +388,7 @@ def validate_run(cfg: TrainingJobConfig) -> None:
     check(g.precision in PRECISIONS, "dist.precision", g.precision, f"one of {PRECISIONS}")
     check(g.max_failures >= -1, "dist.max_failures", g.max_failures, ">= 0, or -1 for unlimited")
     check(g.placement_timeout_s > 0, "dist.placement_timeout_s", g.placement_timeout_s, "> 0 seconds")
+    validate_elastic(cfg)
     if g.use_gpu is False:
         check(g.precision in ("auto", "fp32"), "dist.precision", g.precision,
               "fp32 (or auto) when dist.use_gpu is false: CPU training runs in fp32")
@@ -385,6 +400,27 @@ def validate_run(cfg: TrainingJobConfig) -> None:
           ">= 10 (seconds; it is renewed every fifth of it)")
     check(bool(c.storage_path), "checkpoint.storage_path", c.storage_path, "a local path or URL")
     check_path_component("run_name", cfg.run_name, RUN_NAME_MAX)
+
+
+def validate_elastic(cfg: TrainingJobConfig) -> None:
+    """``dist.min_workers``: at most ``dist.num_workers``, and every size in between must split
+    the global batch's micro-batches evenly (the global batch does not change with the size)."""
+    g = cfg.dist
+    check(g.resize_check_s >= 0, "dist.resize_check_s", g.resize_check_s, ">= 0 (seconds)")
+    if g.min_workers is None:
+        return
+    check(1 <= g.min_workers <= g.num_workers, "dist.min_workers", g.min_workers,
+          f"1 to dist.num_workers={g.num_workers}, or null for a fixed size")
+    sizes = range(g.min_workers, g.num_workers + 1)
+    micro_per_step = g.num_workers * cfg.train.grad_accum_steps
+    uneven = [w for w in sizes if micro_per_step % w]
+    if uneven:
+        fits = next(a for a in range(1, math.lcm(*sizes) + 1) if all(g.num_workers * a % w == 0 for w in sizes))
+        raise ConfigError(
+            f"train.grad_accum_steps={cfg.train.grad_accum_steps} is not allowed with dist.num_workers="
+            f"{g.num_workers} and dist.min_workers={g.min_workers}: a step's {micro_per_step} micro-batches "
+            f"cannot be split evenly over {uneven[0]} workers; set train.grad_accum_steps to a multiple of "
+            f"{fits}, or raise dist.min_workers")
 
 
 # A run's checkpoints live under checkpoint.storage_path/run_name, its sweep's under

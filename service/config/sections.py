@@ -37,6 +37,9 @@ class StorageConfig:
     region: str | None = None  # None: AWS_REGION, else AWS_DEFAULT_REGION
     anon: bool = False  # read public buckets without credentials
     max_retries: int = 5  # transient errors are retried with backoff this many times
+    # On a cluster of several nodes a local path (checkpoints, data, the MLflow store) is refused
+    # unless it is a shared mount: true says it is (NFS, a FUSE-mounted bucket...).
+    shared_local_paths: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,13 @@ class DistributedConfig:
     # it fails naming what it asked for and what the nodes have; a request the cluster can never
     # meet (a worker bigger than any node of a cluster that cannot grow) is refused at once.
     placement_timeout_s: float = 300.0
+    # Elastic runs: with fewer than num_workers placeable (a node lost, not yet back), go on with
+    # as few as this many; the run grows back to num_workers when capacity returns. None: a fixed
+    # size (num_workers), waiting for all of them. The global batch stays that of num_workers:
+    # gradient accumulation takes up what absent workers leave.
+    min_workers: int | None = None
+    # How often a running elastic run looks for room to grow (seconds).
+    resize_check_s: float = 60.0
     # None: join RAY_ADDRESS if set, else start a new local cluster on 127.0.0.1 (never one
     # merely found running on the machine); "local" forces the latter.
     ray_address: str | None = None

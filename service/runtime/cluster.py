@@ -227,10 +227,71 @@ def worker_resources(cfg: TrainingJobConfig, use_gpu: bool) -> dict[str, float]:
 
 
 def scaling_config(cfg: TrainingJobConfig, use_gpu: bool):
+    """Ray Train's scaling: ``dist.num_workers`` workers, or for an elastic run (``dist.min_workers``
+    below it) a (min, max) range that Ray Train resizes within (restarting the workers from the
+    newest checkpoint) as nodes go and come back."""
     from ray.train import ScalingConfig
 
-    return ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu,
-                         resources_per_worker=worker_resources(cfg, use_gpu))
+    d, resources = cfg.dist, worker_resources(cfg, use_gpu)
+    if not elastic_scaling(cfg):
+        return ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+    return ScalingConfig(num_workers=(d.min_workers, d.num_workers), use_gpu=use_gpu, resources_per_worker=resources,
+                         elastic_resize_monitor_interval_s=d.resize_check_s)
+
+
+def elastic_scaling(cfg: TrainingJobConfig) -> bool:
+    """Whether the run is elastic: ``dist.min_workers`` below ``dist.num_workers``."""
+    return cfg.dist.min_workers is not None and cfg.dist.min_workers != cfg.dist.num_workers
+
+
+def preemption_watched() -> bool:
+    """Whether Ray Train watches this run's nodes for preemption (drains with a deadline): on
+    clusters reached by address, not on the local one a job starts for itself."""
+    from ray._private import ray_constants
+
+    return ray_constants.env_bool(PREEMPTION_WATCHER_ENV, True)
+
+
+# Locations only the process that wrote them can see, whatever the machine.
+PROCESS_LOCAL_SCHEMES = ("memory",)
+# Locations on the file system of one machine (unless that is a shared mount).
+MACHINE_LOCAL_SCHEMES = ("file", "sqlite", "local")
+
+
+def is_node_local(url: str) -> bool:
+    """Whether ``url`` (a data, checkpoint or MLflow location) lives on one machine only."""
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if url.startswith("file:") and not scheme:
+        scheme = "file"  # MLflow's file:relative/path
+    return not scheme or scheme in MACHINE_LOCAL_SCHEMES + PROCESS_LOCAL_SCHEMES
+
+
+def cluster_node_count() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def require_shared_storage(locations: dict[str, str], shared_local_paths: bool = False, *,
+                           nodes: int | None = None) -> None:
+    """On a cluster of several nodes, raises ConfigError for a location (by the key that sets it)
+    that only one node can see: a local path, a sqlite or file MLflow store. The workers, and the
+    rank 0 that logs to MLflow, may run on any node, and a run that resumes elsewhere must find its
+    checkpoints. ``shared_local_paths``: the user's word that local paths are a shared mount.
+    ``nodes``: the cluster's alive nodes (None: asks the connected Ray)."""
+    if (cluster_node_count() if nodes is None else nodes) <= 1:
+        return
+    for key, url in locations.items():
+        if not url or not is_node_local(url):
+            continue
+        in_memory = url.partition("://")[0].lower() in PROCESS_LOCAL_SCHEMES
+        if shared_local_paths and not in_memory:
+            continue
+        advice = ("use a location every node can reach" if in_memory else
+                  "on a cluster of several nodes use object storage (--storage.root s3://bucket/prefix, or "
+                  f"--{key} s3://...{', an mlflow server http://...' if key.startswith('mlflow') else ''}), "
+                  "or, when it is a shared mount every node sees, set --storage.shared_local_paths true")
+        raise ConfigError(f"{key}={redact_url(url)!r} is not allowed: it lives on one node only; {advice}")
 
 
 def with_project_on_path() -> str:

@@ -69,11 +69,19 @@ def cluster_capacity() -> ClusterCapacity:
     return ClusterCapacity(alive, None, "the Ray cluster")
 
 
+def fewest_workers(cfg: TrainingJobConfig) -> tuple[int, str]:
+    """(the fewest workers the run can start with, the key that says so): ``dist.min_workers``
+    of an elastic run, else ``dist.num_workers``."""
+    if cfg.dist.min_workers is not None:
+        return cfg.dist.min_workers, "dist.min_workers"
+    return cfg.dist.num_workers, "dist.num_workers"
+
+
 def check_placement(cfg: TrainingJobConfig, use_gpu: bool, capacity: ClusterCapacity) -> None:
     """Raises PlacementError, naming the value and what the nodes have, when ``capacity`` can
     never hold one worker or the whole group of ``cfg``; a group that may fit later passes."""
     need = worker_resources(cfg, use_gpu)
-    workers = cfg.dist.num_workers
+    workers, key = fewest_workers(cfg)
     if capacity.total is None:
         return
     if not any(_fits(need, node) for node in capacity.nodes):
@@ -87,9 +95,9 @@ def check_placement(cfg: TrainingJobConfig, use_gpu: bool, capacity: ClusterCapa
         have = capacity.total.get(resource, 0.0)
         if amount * workers > have:
             raise PlacementError(
-                f"dist.num_workers={workers}: {workers} workers of {_describe(need)} need {amount * workers:g} "
+                f"{key}={workers}: {workers} workers of {_describe(need)} need {amount * workers:g} "
                 f"{resource} but {capacity.source} has {have:g} in all ({capacity.describe_nodes()}). Lower "
-                f"dist.num_workers or {RESOURCE_KEYS.get(resource, resource)}"
+                f"{key} or {RESOURCE_KEYS.get(resource, resource)}"
             )
 
 
@@ -104,7 +112,7 @@ def wait_for_placement(cfg: TrainingJobConfig, use_gpu: bool) -> None:
     from ray.util.placement_group import placement_group, remove_placement_group
 
     need = worker_resources(cfg, use_gpu)
-    workers, timeout_s = cfg.dist.num_workers, cfg.dist.placement_timeout_s
+    (workers, key), timeout_s = fewest_workers(cfg), cfg.dist.placement_timeout_s
     group = placement_group([need] * workers, strategy="PACK")
     deadline = time.monotonic() + timeout_s
     try:
@@ -115,7 +123,7 @@ def wait_for_placement(cfg: TrainingJobConfig, use_gpu: bool) -> None:
                     f"dist.placement_timeout_s={timeout_s:g}: the Ray cluster had no room for {workers} worker(s) "
                     f"of {_describe(need)} within {timeout_s:g} s (free now: "
                     f"{_describe(_known_resources(ray.available_resources()))}; its nodes have "
-                    f"{cluster_capacity().describe_nodes()}). Free the cluster, lower dist.num_workers, or raise "
+                    f"{cluster_capacity().describe_nodes()}). Free the cluster, lower {key}, or raise "
                     "dist.placement_timeout_s"
                 )
             if not waiting:

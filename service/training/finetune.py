@@ -44,7 +44,7 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
 
     from service import data as data_lib
     from service.models.source import load_model_source
-    from service.training.finetune_worker import finetune_worker
+    from service.training.finetune_worker import FinetuneInputs, finetune_worker
     from service.training.launch import absolute_url, fit_workers, open_launch, require_one_step
 
     cfg.validate()
@@ -76,9 +76,9 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
         launch.tracker.log_params({"num_classes_resolved": num_classes, "img_size_resolved": model_config.img_size})
         # Workers get the pretrained weights through the object store: one download, on the driver.
         init_weights = ray.put({k: v.detach().cpu() for k, v in source.model.state_dict().items()})
-        loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url, num_classes=num_classes,
-                                         model_config=model_config.to_dict(), init_weights=init_weights)
-        result = fit_workers(finetune_worker, loop_config, cfg, launch, callbacks)
+        inputs = FinetuneInputs(num_classes=num_classes, model_config=model_config.to_dict(), init_weights=init_weights)
+        settings = launch.worker_settings(cfg, train_url=train_url, val_url=val_url, job_inputs=inputs)
+        result = fit_workers(finetune_worker, settings, cfg, launch, callbacks)
         checkpoint, run_id = result.checkpoint, launch.run_id
 
         registered: dict[str, str | None] = {"registered_uri": None, "model_uri": None}

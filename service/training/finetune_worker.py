@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from service.config import FinetuneConfig, from_dict
+from service.config import FinetuneConfig
 from service.runtime.credentials import adopt_credentials
 from service.runtime.optim import layer_decay_param_groups
 from service.runtime.worker import worker_context
@@ -27,6 +28,7 @@ from service.training.loop import (
     step_seed,
 )
 from service.training.mixup import MixSettings, mix_batch, soft_target_cross_entropy
+from service.training.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,17 @@ def _mix_rng(seed: int, rank: int, micro_step: int) -> random.Random:
     return random.Random(step_seed(seed, rank, micro_step))
 
 
-def finetune_worker(loop_config: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker. ``loop_config`` is built by ``service.training.finetune``."""
+@dataclass(frozen=True)
+class FinetuneInputs:
+    """What fine-tuning workers get besides the common settings."""
+
+    num_classes: int
+    model_config: dict[str, Any]  # the pretrained model's ConvMAEConfig, as a dict
+    init_weights: Any  # an object reference to its state dict (one download, on the driver)
+
+
+def finetune_worker(settings: WorkerSettings) -> None:
+    """Entry point of each Ray Train worker. ``settings`` are built by ``service.training.finetune``."""
     import ray
 
     from convmae import ConvMAEBackbone, ConvMAEConfig
@@ -48,21 +59,23 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
 
     configure_worker_logging()
     # First: the data, checkpoint and MLflow clients below read them from the environment.
-    adopt_credentials(loop_config.get("credentials"))
-    cfg = from_dict(FinetuneConfig, loop_config["config"])
-    t = cfg.train
-    num_classes = loop_config["num_classes"]
-    train_url, val_url = loop_config["train_url"], loop_config["val_url"]
+    adopt_credentials(settings.credentials)
+    inputs: FinetuneInputs = settings.job_inputs
     ctx = worker_context()
+    cfg = settings.config_at(ctx.world_size)  # an elastic run short of workers accumulates more
+    assert isinstance(cfg, FinetuneConfig)
+    t = cfg.train
+    num_classes = inputs.num_classes
+    train_url, val_url = settings.train_url, settings.val_url
 
     torch.manual_seed(t.seed)  # the same fresh head on every rank
-    model_config = ConvMAEConfig.from_dict(loop_config["model_config"])
+    model_config = ConvMAEConfig.from_dict(inputs.model_config)
     model = ConvMAEBackbone(model_config, num_classes=num_classes, drop_path_rate=cfg.drop_path,
                             global_pool=cfg.global_pool)
-    loaded = model.load_pretrain_state_dict(ray.get(loop_config["init_weights"]))
+    loaded = model.load_pretrain_state_dict(ray.get(inputs.init_weights))
     torch.manual_seed(t.seed + 1 + ctx.rank)  # drop path draws differ per rank (restored on resume)
     groups = layer_decay_param_groups(model, t.weight_decay, t.layer_decay)
-    session = start_session(model, cfg, loop_config, ctx, groups=groups)
+    session = start_session(model, cfg, settings, ctx, groups=groups)
     engine, state = session.engine, session.state
     if session.is_chief and state.optimizer_step == 0:
         log.info("loaded %d pretrained tensors (%d resized); new: %s", len(loaded.loaded),
@@ -93,7 +106,7 @@ def finetune_worker(loop_config: dict[str, Any]) -> None:
                       switch_prob=t.mixup_switch_prob, smoothing=t.label_smoothing)
     if session.is_chief:
         log.info("fine-tuning %d classes on %d worker(s) (%s, ZeRO-%d): %d steps/epoch, %d steps, effective "
-                 "batch %d, lr %.3e, layer decay %.2f", num_classes, ctx.world_size, loop_config["precision"],
+                 "batch %d, lr %.3e, layer decay %.2f", num_classes, ctx.world_size, settings.precision,
                  cfg.dist.zero_stage, schedule.steps_per_epoch, schedule.total_steps, cfg.effective_batch_size,
                  session.lr, t.layer_decay)
 

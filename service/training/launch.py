@@ -21,12 +21,13 @@ from service.config import (
     flatten,
     redact_url,
     redacted,
-    to_dict,
 )
 from service.data.scratch import sweep_stale_scratch
 from service.job_errors import raise_user_error_behind
 from service.runtime.cluster import (
     connect_ray,
+    preemption_watched,
+    require_shared_storage,
     resolve_precision,
     resolve_use_gpu,
     scaling_config,
@@ -44,6 +45,7 @@ from service.tracking.provenance import provenance
 from service.training.checkpoints import STATE_FILE, check_resumable
 from service.training.lease import LEASE_FILES, RunLease
 from service.training.resume import RunStorage, newest_train_state, set_aside_unusable_snapshot
+from service.training.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -82,23 +84,22 @@ class Launch:
     def run_id(self) -> str | None:
         return self.tracker.run_id if self.tracker.enabled else None
 
-    def loop_config(self, cfg: TrainingJobConfig, *, train_url: str, val_url: str | None, **extra: Any) -> dict[str, Any]:
+    def worker_settings(self, cfg: TrainingJobConfig, *, train_url: str, val_url: str | None,
+                        job_inputs: Any = None) -> WorkerSettings:
         """What every worker gets: the config, devices, base lr, data URLs, MLflow run, a reference
-        to the driver's credentials (``service.runtime.credentials``), plus ``extra``."""
-        return {
-            "config": to_dict(cfg),
-            "use_gpu": self.use_gpu,
-            "precision": self.precision,
-            "compile": self.compile_model,
-            "lr": cfg.learning_rate,
-            "train_url": train_url,
-            "val_url": val_url,
-            "tracking_uri": self.tracking_uri,
-            "mlflow_run_id": self.run_id,
-            "credentials": share_credentials(),
-            "job_started_at": process_started_at(),
-            **extra,
-        }
+        to the driver's credentials (``service.runtime.credentials``), plus the job's own inputs."""
+        return WorkerSettings(
+            config=cfg, use_gpu=self.use_gpu, precision=self.precision, compile_model=self.compile_model,
+            lr=cfg.learning_rate, train_url=train_url, val_url=val_url, tracking_uri=self.tracking_uri,
+            mlflow_run_id=self.run_id, credentials=share_credentials(), job_started_at=process_started_at(),
+            watch_preemption=preemption_watched(), job_inputs=job_inputs,
+        )
+
+
+def worker_count(cfg: TrainingJobConfig) -> str:
+    """``3``, or ``2 to 3`` for an elastic run."""
+    d = cfg.dist
+    return str(d.num_workers) if d.min_workers in (None, d.num_workers) else f"{d.min_workers} to {d.num_workers}"
 
 
 def process_started_at() -> float:
@@ -138,6 +139,8 @@ def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | 
         finally:
             if mlflow_ready is not None:
                 mlflow_ready.join()
+        # Before any work: on several nodes, every location must be one they all reach.
+        require_shared_storage(shared_locations(cfg, train_url, tracking_uri), cfg.storage.shared_local_paths)
         use_gpu = resolve_use_gpu(cfg)
         precision = resolve_precision(cfg, use_gpu)
         check_placement(cfg, use_gpu, cluster_capacity())  # a run the cluster can never hold opens no MLflow run
@@ -156,6 +159,16 @@ def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | 
                   lease)
 
 
+def shared_locations(cfg: TrainingJobConfig, train_url: str, tracking_uri: str) -> dict[str, str]:
+    """The job's locations every worker reads or writes, by the flag that sets each."""
+    locations = {"checkpoint.storage_path": cfg.checkpoint.storage_path, "data.url": train_url}
+    if cfg.data.val_url:
+        locations["data.val_url"] = absolute_url(cfg.data.val_url) or cfg.data.val_url
+    if cfg.mlflow.enabled:
+        locations["mlflow.tracking_uri"] = tracking_uri
+    return locations
+
+
 def log_config(tracker: Tracker, cfg: TrainingJobConfig, *, train_url: str, precision: str, use_gpu: bool,
                tags: dict[str, str] | None = None) -> None:
     """The run's config as params and ``config.json``, and its lineage as tags, with URLs
@@ -171,10 +184,13 @@ def run_identity(run_name: str, storage_label: str) -> dict[str, str]:
     return {RUN_NAME_TAG: run_name, STORAGE_TAG: storage_label}
 
 
-def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], cfg: TrainingJobConfig,
+def fit_workers(worker: Callable[[WorkerSettings], None], settings: WorkerSettings, cfg: TrainingJobConfig,
                 launch: Launch, callbacks: list[Any] | None = None) -> Any:
-    """Runs ``worker`` on ``cfg.dist.num_workers`` Ray Train workers; returns Ray's ``Result``
-    (last reported metrics and checkpoint, kept ``checkpoint.keep_last`` deep)."""
+    """Runs ``worker(settings)`` on ``cfg.dist.num_workers`` Ray Train workers (elastic runs: as
+    many as the cluster can place, ``dist.min_workers`` at least); returns Ray's ``Result`` (last
+    reported metrics and checkpoint, kept ``checkpoint.keep_last`` deep)."""
+    import functools
+
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -190,14 +206,15 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
     wait_for_placement(cfg, launch.use_gpu)
 
     trainer = TorchTrainer(
-        worker,
-        train_loop_config=loop_config,
+        functools.partial(worker, settings),
         scaling_config=scaling_config(cfg, launch.use_gpu),
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=launch.storage_path,
             storage_filesystem=launch.storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            # A worker lost with its node counts against dist.max_failures; a node drained for
+            # preemption (its workers checkpoint first) against Ray's own preemption budget.
             # Failing to start the worker group (its placement timed out, a worker died while
             # starting) is retried as often as a failed worker: Ray Train's default is for ever.
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures,
@@ -209,7 +226,7 @@ def fit_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str,
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    log.info("launching %d %s worker(s); checkpoints under %s; MLflow %s run %s", cfg.dist.num_workers,
+    log.info("launching %s %s worker(s); checkpoints under %s; MLflow %s run %s", worker_count(cfg),
              "GPU" if launch.use_gpu else "CPU", launch.storage_label, redact_url(launch.tracking_uri), launch.run_id)
     try:
         with ray_train_placement_deadline(cfg):

@@ -11,6 +11,7 @@ synchronise host and device once per step.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from service.tracking import NullTracker, Tracker
 from service.training import checkpoints
 from service.training.checkpoints import TrainState
 from service.training.progress import ProgressMeter
+from service.training.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 # The marker file makes it happen once per run (the replacement worker must not die again).
 FAULT_STEP_ENV = "CONVMAE_FAULT_INJECT_STEP"
 FAULT_MARKER_ENV = "CONVMAE_FAULT_INJECT_MARKER"
+# Testing: where workers append the sample keys of every micro-batch they train on.
+SEEN_KEYS_ENV = "CONVMAE_SEEN_KEYS_LOG"
 # Where a resumed run's last epoch-end metrics are kept in the train state (see start_session).
 EPOCH_METRICS = "epoch_metrics"
 
@@ -81,6 +85,7 @@ class WorkerSession:
     lr: float  # the base lr the schedule scales
     flops_per_image: int | None = None  # forward+backward, for train/tflops and train/mfu
     job_started_at: float | None = None  # the driver process's start, epoch seconds
+    watch_preemption: bool = False  # ask Ray Train at every step whether a node of the run is going
 
     @property
     def is_chief(self) -> bool:
@@ -92,15 +97,17 @@ class WorkerSession:
         return self.engine.dtype
 
 
-def start_session(model: torch.nn.Module, cfg: TrainingJobConfig, loop_config: Mapping[str, Any],
+def start_session(model: torch.nn.Module, cfg: TrainingJobConfig, settings: WorkerSettings,
                   ctx: WorkerContext, groups: list[dict[str, Any]] | None = None) -> WorkerSession:
     """The engine over ``model`` (optimizer ``groups``, default weight-decay groups), the train
-    state of the checkpoint Ray Train hands this worker, and rank 0's tracker."""
-    lr = loop_config["lr"]
+    state of the checkpoint Ray Train hands this worker, and rank 0's tracker.
+
+    ``cfg``: the config at this world size (``WorkerSettings.config_at``)."""
+    lr = settings.lr
     if ctx.local_rank == 0:  # one per machine: checkpoints that killed workers left in its temp directory
         sweep_stale_scratch()
-    engine = Engine.build(model, cfg, use_gpu=loop_config["use_gpu"], precision=loop_config["precision"],
-                          lr=lr, groups=groups, compile_model=loop_config.get("compile", False))
+    engine = Engine.build(model, cfg, use_gpu=settings.use_gpu, precision=settings.precision,
+                          lr=lr, groups=groups, compile_model=settings.compile_model)
     state = checkpoints.restore(engine, ctx.rank) or TrainState()
     if state.extra.get(EPOCH_METRICS):
         # A run resumed after its last epoch-end report may never have had that report seen
@@ -111,13 +118,19 @@ def start_session(model: torch.nn.Module, cfg: TrainingJobConfig, loop_config: M
         ray.train.report(dict(state.extra[EPOCH_METRICS]))
     tracker: Tracker = NullTracker()
     if ctx.rank == 0:
-        tracker = Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"], enabled=cfg.mlflow.enabled,
+        tracker = Tracker(settings.tracking_uri, settings.mlflow_run_id, enabled=cfg.mlflow.enabled,
                           system_metrics=cfg.mlflow.system_metrics)
         # A resumed or restarted run redoes the steps since its checkpoint: one point per step.
         tracker.skip_logged_steps()
         if state.optimizer_step == 0:
             tracker.log_dict(engine.config, "deepspeed_config.json")
-    return WorkerSession(ctx, engine, state, tracker, lr, job_started_at=loop_config.get("job_started_at"))
+        full = settings.config.dist.num_workers
+        if ctx.world_size != full:  # an elastic run short of workers: the same global batch
+            log.info("world size %d of %d: %d accumulation step(s) of %d per worker, global batch %d as with %d",
+                     ctx.world_size, full, cfg.train.grad_accum_steps, cfg.train.batch_size_per_worker,
+                     cfg.effective_batch_size, full)
+    return WorkerSession(ctx, engine, state, tracker, lr, job_started_at=settings.job_started_at,
+                         watch_preemption=settings.watch_preemption)
 
 
 @dataclass(frozen=True)
@@ -220,6 +233,7 @@ def run_epochs(
             lr = lr_at(state.optimizer_step + state.schedule_offset, base_lr=session.lr, min_lr=t.min_lr,
                        warmup_steps=schedule.warmup_steps, total_steps=schedule.total_steps)
             engine.set_lr(lr)
+            record_seen(batch, state, ctx)
             loss = step(batch)
             boundary = engine.backward_and_step(loss)
             window.add(loss)
@@ -242,6 +256,13 @@ def run_epochs(
             if state.optimizer_step >= total_steps:
                 epoch_finished = state.micro_in_epoch >= micro_limit
                 break
+            if session.watch_preemption and preemption_coming(session):
+                # Saved now, before the node goes: the run restarts from this very step. Training
+                # stops here, so no step after it is done twice; Ray Train restarts the workers
+                # (where there is room) at the drain's deadline.
+                save({})
+                writer.wait()
+                wait_for_restart(session)
             if step_checkpoint_due(state.optimizer_step, cfg.checkpoint.every_steps,
                                    epoch_ended=state.micro_in_epoch >= micro_limit):
                 with meter.excluded():
@@ -270,6 +291,48 @@ def run_epochs(
     if writer.waited_s > 0.5 and session.is_chief:
         log.info("training waited %.1f s in all for checkpoint uploads to end (one at a time)", writer.waited_s)
     tracker.close()
+
+
+def preemption_coming(session: WorkerSession) -> bool:
+    """Whether Ray Train saw a node of this run drained for preemption (a collective: every
+    worker asks at the same step, and all get rank 0's answer)."""
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return False
+    if session.is_chief:
+        left = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else None
+        log.warning("node(s) %s of rank(s) %s preempted%s: saving step %d now", ", ".join(info.preempted_node_ids),
+                    info.preempted_ranks, f", {left:.0f} s before the deadline" if left is not None else "",
+                    session.state.optimizer_step)
+    return True
+
+
+def wait_for_restart(session: WorkerSession) -> None:
+    """Idles until Ray Train ends these workers at the preemption's deadline (a worker that
+    returned would end the run as finished)."""
+    if session.is_chief:
+        log.warning("step %d saved; waiting for the preempted node to go (the run then goes on from it)",
+                    session.state.optimizer_step)
+    while True:
+        time.sleep(1.0)
+
+
+def record_seen(batch: Mapping[str, Any], state: TrainState, ctx: WorkerContext) -> None:
+    """Testing: appends the sample keys of a micro-batch (with its epoch, step, rank and this
+    process) to the file ``CONVMAE_SEEN_KEYS_LOG`` names, so a test can check exactly-once
+    data across restarts and resizes."""
+    path = os.environ.get(SEEN_KEYS_ENV)
+    if not path or "keys" not in batch:
+        return
+    import ray
+
+    line = json.dumps({"attempt": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                       "world": ctx.world_size, "rank": ctx.rank, "epoch": state.epoch,
+                       "step": state.optimizer_step + 1, "time": time.time(), "keys": list(batch["keys"])})
+    with open(path, "a") as f:
+        f.write(line + "\n")
 
 
 def report_time_to_first_step(session: WorkerSession) -> None:
@@ -350,7 +413,8 @@ def log_progress(session: WorkerSession, window: LossWindow, meter: ProgressMete
     session.tracker.log_metrics(
         {"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": figures["images_per_s"],
          "train/step_time_s": figures["step_time_s"], "train/data_wait_frac": figures["data_wait_frac"],
-         "train/epoch": state.epoch, "data/corrupt_samples": loader.corrupt_samples,
+         "train/epoch": state.epoch, "train/world_size": session.ctx.world_size,
+         "data/corrupt_samples": loader.corrupt_samples,
          **({"train/grad_norm": grad_norm} if grad_norm is not None else {}), **compute,
          **_memory_metrics(session.ctx.device)},
         step=state.optimizer_step,

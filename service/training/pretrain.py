@@ -57,8 +57,8 @@ def run_pretraining(
 
     launch = open_launch(cfg, train_url=train_url, parent_run_id=parent_run_id, tags=tags, hold_lease=hold_lease)
     with launch.running():  # its MLflow run ends FINISHED, KILLED or FAILED; its lease is released
-        loop_config = launch.loop_config(cfg, train_url=train_url, val_url=val_url)
-        result = fit_workers(train_worker, loop_config, cfg, launch, callbacks)
+        settings = launch.worker_settings(cfg, train_url=train_url, val_url=val_url)
+        result = fit_workers(train_worker, settings, cfg, launch, callbacks)
         checkpoint = result.checkpoint
         metrics = dict(result.metrics or {})
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from service.config import PretrainConfig, from_dict
+from service.config import PretrainConfig
 from service.runtime.credentials import adopt_credentials
 from service.runtime.flops import pretraining_flops_per_image
 from service.runtime.worker import worker_context
@@ -21,6 +21,7 @@ from service.training.loop import (
     start_session,
     step_seed,
 )
+from service.training.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +47,25 @@ def mask_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
     return torch.Generator().manual_seed(step_seed(seed, rank, micro_step))
 
 
-def train_worker(loop_config: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker. ``loop_config`` is built by ``service.training.pretrain``."""
+def train_worker(settings: WorkerSettings) -> None:
+    """Entry point of each Ray Train worker. ``settings`` are built by ``service.training.pretrain``."""
     from convmae import build_model
     from service import data as data_lib
     from service.evaluation.metrics import validate_during_training
 
     configure_worker_logging()
     # First: the data, checkpoint and MLflow clients below read them from the environment.
-    adopt_credentials(loop_config.get("credentials"))
-    cfg = from_dict(PretrainConfig, loop_config["config"])
-    train_url, val_url = loop_config["train_url"], loop_config["val_url"]
+    adopt_credentials(settings.credentials)
+    train_url, val_url = settings.train_url, settings.val_url
     ctx = worker_context()
+    cfg = settings.config_at(ctx.world_size)  # an elastic run short of workers accumulates more
+    assert isinstance(cfg, PretrainConfig)
     t, m = cfg.train, cfg.model
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(m.name, img_size=m.img_size, norm_pix_loss=m.norm_pix_loss)
     model_config = model.config
-    session = start_session(model, cfg, loop_config, ctx)
+    session = start_session(model, cfg, settings, ctx)
     engine, state = session.engine, session.state
     if session.is_chief:  # the one that logs train/tflops and train/mfu
         session.flops_per_image = pretraining_flops_per_image(model_config, m.mask_ratio)
@@ -83,7 +85,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if session.is_chief:
         log.info(
             "training %s on %d worker(s) (%s, %s, ZeRO-%d): %d steps/epoch, %d steps, effective batch %d, lr %.3e",
-            m.name, ctx.world_size, "GPU" if loop_config["use_gpu"] else "CPU", loop_config["precision"],
+            m.name, ctx.world_size, "GPU" if settings.use_gpu else "CPU", settings.precision,
             cfg.dist.zero_stage, schedule.steps_per_epoch, schedule.total_steps, cfg.effective_batch_size,
             session.lr,
         )

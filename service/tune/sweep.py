@@ -152,15 +152,20 @@ def _run_sweep(cfg: TuneJobConfig, dims: list[Dimension], base: PretrainConfig, 
     from service.runtime.cluster import (
         connect_ray,
         forwarded_env,
+        require_shared_storage,
         resolve_precision,
         resolve_use_gpu,
     )
     from service.runtime.credentials import keep_credentials_out_of_tune, share_credentials
     from service.runtime.placement import PlacementError, check_placement, cluster_capacity
-    from service.training.launch import absolute_url, storage_location
+    from service.training.launch import absolute_url, shared_locations, storage_location
 
     connect_ray(cfg.dist.ray_address)
     keep_credentials_out_of_tune()  # trials adopt the shared credentials below instead
+    # Trials run on any node, and a trial resumed elsewhere must find its checkpoints.
+    locations = shared_locations(base, train_url, tracking_uri)
+    locations.pop("checkpoint.storage_path")  # the trials' runs live under sweep.storage_path
+    require_shared_storage({"sweep.storage_path": cfg.sweep.storage_path, **locations}, cfg.storage.shared_local_paths)
     use_gpu = resolve_use_gpu(base)
     resolve_precision(base, use_gpu)
     import ray

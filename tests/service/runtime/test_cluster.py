@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from service.config import ConfigError, PretrainConfig, with_overrides
 from tests.fixtures.mlflow_server import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -144,3 +145,83 @@ def test_an_address_to_join_that_is_not_a_gcs_is_one_line_with_the_fix(ray_tmpdi
     last = done.stderr.strip().splitlines()[-1]
     assert "ConfigError: dist.ray_address='http://127.0.0.1:8265'" in last
     assert "GCS address (host:port, printed by `ray start --head`)" in last and "ray job submit" in last
+
+
+# ------------------------------------------------ storage every node can reach
+
+
+@pytest.mark.parametrize(("key", "url"), [
+    ("checkpoint.storage_path", "/data/runs"),
+    ("checkpoint.storage_path", "file:///data/runs"),
+    ("data.url", "convmae_data/digits/train"),
+    ("mlflow.tracking_uri", "sqlite:///mlruns.db"),
+    ("mlflow.tracking_uri", "file:./mlruns"),
+])
+def test_a_location_on_one_node_is_refused_on_a_cluster_of_several(key, url):
+    from service.runtime.cluster import require_shared_storage
+
+    with pytest.raises(ConfigError, match=rf"{key}=.*one node only.*--storage.root s3://.*shared_local_paths true"):
+        require_shared_storage({key: url}, nodes=3)
+
+
+def test_locations_every_node_reaches_pass_and_one_node_needs_none():
+    from service.runtime.cluster import require_shared_storage
+
+    shared = {"checkpoint.storage_path": "s3://bucket/runs", "data.url": "gs://bucket/train",
+              "mlflow.tracking_uri": "http://mlflow.internal:5000"}
+    require_shared_storage(shared, nodes=3)
+    require_shared_storage({"checkpoint.storage_path": "/data/runs", "mlflow.tracking_uri": "sqlite:///m.db"}, nodes=1)
+
+
+def test_a_shared_mount_is_allowed_when_said_so_but_memory_never():
+    from service.runtime.cluster import require_shared_storage
+
+    require_shared_storage({"checkpoint.storage_path": "/mnt/nfs/runs", "mlflow.tracking_uri": "sqlite:///m.db"},
+                           shared_local_paths=True, nodes=3)
+    with pytest.raises(ConfigError, match=r"data.url='memory://train' is not allowed"):
+        require_shared_storage({"data.url": "memory://train"}, shared_local_paths=True, nodes=3)
+
+
+def test_credentials_in_a_refused_url_are_not_repeated():
+    from service.runtime.cluster import require_shared_storage
+
+    with pytest.raises(ConfigError) as refused:
+        require_shared_storage({"data.url": "file://user:hunter2@/data"}, nodes=2)
+    assert "hunter2" not in str(refused.value)
+
+
+# ------------------------------------------------ elastic runs
+
+
+def test_elastic_scaling_is_a_range_and_fixed_stays_a_number():
+    from service.runtime.cluster import scaling_config
+
+    fixed = with_overrides(PretrainConfig(), {"dist.num_workers": 3}).validate()
+    assert scaling_config(fixed, use_gpu=False).num_workers == 3
+    elastic = with_overrides(PretrainConfig(), {"dist.num_workers": 3, "dist.min_workers": 2,
+                                                "train.grad_accum_steps": 2, "dist.resize_check_s": 5}).validate()
+    scaling = scaling_config(elastic, use_gpu=False)
+    assert scaling.num_workers == (2, 3) and scaling.elastic_resize_monitor_interval_s == 5
+
+
+def test_the_global_batch_and_lr_do_not_depend_on_the_workers_alive():
+    cfg = with_overrides(PretrainConfig(), {"dist.num_workers": 4, "dist.min_workers": 2,
+                                            "train.grad_accum_steps": 3}).validate()
+    for workers in (2, 3, 4):
+        at = cfg.at_world_size(workers)
+        assert at.dist.num_workers == workers
+        assert at.effective_batch_size == cfg.effective_batch_size
+        assert at.learning_rate == cfg.learning_rate
+    assert cfg.at_world_size(2).train.grad_accum_steps == 6
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"dist.num_workers": 3, "dist.min_workers": 2},
+     r"train.grad_accum_steps=1 is not allowed .*over 2 workers; set train.grad_accum_steps to a multiple of 2"),
+    ({"dist.num_workers": 2, "dist.min_workers": 3}, r"dist.min_workers=3 is not allowed: 1 to dist.num_workers=2"),
+    ({"dist.num_workers": 2, "dist.min_workers": 0}, r"dist.min_workers=0 is not allowed"),
+    ({"dist.resize_check_s": -1}, r"dist.resize_check_s=-1"),
+])
+def test_bad_elastic_settings_are_named(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        with_overrides(PretrainConfig(), overrides).validate()

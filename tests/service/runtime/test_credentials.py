@@ -120,7 +120,7 @@ def test_workers_get_the_drivers_credentials_through_the_object_store(ray_cluste
         adopt_credentials(loop_config["credentials"])
         return {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
 
-    # Inside the worker's config, as Launch.loop_config hands it over: a reference, not the value.
+    # Inside the workers' settings, as WorkerSettings carries it: a reference, not the value.
     got = ray.get(worker_env.remote({"credentials": share_credentials()}))
     # The driver's set travels whole: no token of the worker's own is mixed into it.
     assert got == {"AWS_ACCESS_KEY_ID": "driver-key", "AWS_SECRET_ACCESS_KEY": "driver-secret",

@@ -74,7 +74,9 @@ def test_s3_data_and_checkpoints_survive_a_worker_failure_and_register_the_model
     # The local cluster is this machine: Ray Train's node-preemption watcher is not started.
     from ray.util.state import list_actors
 
-    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")])
+    # This session's cluster, by its address: other Ray clusters may run on the machine.
+    address = ray_cluster.get_runtime_context().gcs_address
+    assert not list_actors(address=address, filters=[("class_name", "=", "PreemptionWatcher")])
     assert result.metrics["step"] == 10
     assert 0.0 <= result.metrics["val/knn_top1"] <= 1.0 and result.metrics["val/recon_loss"] > 0
     checkpoints = [p for p in fs.ls(f"{bucket}/runs/s3-run") if p.rsplit("/", 1)[-1].startswith("checkpoint_20")]
