@@ -22,6 +22,7 @@ from service.runtime.engine import Engine
 from service.runtime.worker import WorkerContext
 from service.tracking import NullTracker
 from service.training.checkpoints import TrainState
+from service.training.settings import WorkerSettings
 from tests.fixtures.mlflow_server import free_port
 
 BASE_LR = 0.1
@@ -287,10 +288,11 @@ def test_start_session_builds_the_engine_restores_the_state_and_gives_only_rank_
     restored: list[TrainState | None] = [None]
     monkeypatch.setattr(loop.checkpoints, "restore", lambda engine, rank: restored[0])
     cfg = config()
-    loop_config = {"lr": 0.25, "use_gpu": False, "precision": "fp32", "tracking_uri": tracking_uri,
-                   "mlflow_run_id": run_id, "job_started_at": 123.0}
+    settings = WorkerSettings(config=cfg, use_gpu=False, precision="fp32", compile_model=False, lr=0.25,
+                                 train_url="unused", val_url=None, tracking_uri=tracking_uri, mlflow_run_id=run_id,
+                                 credentials=None, job_started_at=123.0)
 
-    chief = loop.start_session(Tiny(), cfg, loop_config, WorkerContext(0, 1, 0, CPU))
+    chief = loop.start_session(Tiny(), cfg, settings, WorkerContext(0, 1, 0, CPU))
     assert chief.is_chief and chief.lr == 0.25 and chief.job_started_at == 123.0
     assert chief.state == TrainState() and chief.dtype == torch.float32
     assert chief.engine.ds_engine.optimizer.param_groups[0]["lr"] == 0.25
@@ -300,6 +302,6 @@ def test_start_session_builds_the_engine_restores_the_state_and_gives_only_rank_
     assert [a.path for a in client.list_artifacts(run_id)] == ["deepspeed_config.json"]
 
     restored[0] = TrainState(epoch=1, optimizer_step=3)
-    other = loop.start_session(Tiny(), cfg, loop_config, WorkerContext(1, 1, 0, CPU))
+    other = loop.start_session(Tiny(), cfg, settings, WorkerContext(1, 1, 0, CPU))
     assert not other.is_chief and isinstance(other.tracker, Null)
     assert other.state == TrainState(epoch=1, optimizer_step=3)
