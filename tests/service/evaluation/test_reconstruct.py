@@ -55,8 +55,8 @@ def test_the_data_sets_first_images_of_the_split_are_used(digits_dir):
 
 def test_the_val_split_of_a_data_set_without_one_is_refused(digits_dir):
     data = DataConfig(url=str(digits_dir / "digits" / "train"), val_url="", loader_workers=0)
-    with pytest.raises(ConfigError, match="^split=val but the data set has no validation split: set data.val_url "
-                                          "or split=train$"):
+    with pytest.raises(ConfigError, match=r"^split=val but the data set has no validation split \(no <data.url>/val\): "
+                                          "set data.val_url or split=train$"):
         load_images(ReconstructConfig(data=data), img_size=32)
 
 
