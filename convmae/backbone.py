@@ -30,8 +30,8 @@ from .checkpoint import (
 from .configs import ConvMAEConfig
 from .encoder import ConvViTEncoder
 from .model import ConvMAE
-from .vit_mae import MAE
 from .pos_embed import resize_pos_embed
+from .vit_mae import MAE
 
 # Pretraining-only weights that a backbone never uses.
 _PRETRAIN_ONLY_PREFIXES = ("decoder.", "fuse_stage1.", "fuse_stage2.")

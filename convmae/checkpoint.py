@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from .configs import ConvMAEConfig, ModelConfig, config_from_dict
+from .configs import ModelConfig, config_from_dict
 
 CheckpointSource = Union[str, os.PathLike, IO[bytes], Mapping[str, Any]]
 

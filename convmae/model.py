@@ -13,8 +13,8 @@ from .configs import ConvMAEConfig, MAEConfig, ModelConfig, get_config
 from .decoder import MAEDecoder
 from .encoder import ConvViTEncoder
 from .masking import BlockMask, random_block_mask
-from .vit_mae import MAE
 from .patches import conv_as_linear, masked_patch_loss
+from .vit_mae import MAE
 
 
 def fuse_blocks(conv: nn.Conv2d, blocks: torch.Tensor) -> torch.Tensor:
