@@ -169,3 +169,14 @@ def test_encoder_embedding_pools_the_unmasked_tokens(images):
     assert embedding.shape == (3, 64)
     expected = torch.nn.functional.layer_norm(tokens.mean(dim=1), (64,), eps=1e-6)
     torch.testing.assert_close(embedding, expected)
+
+
+def test_reconstructions_of_the_baseline(images):
+    # Reconstruction grids (jobs/reconstruct.py, epoch-end images) take the baseline's config too.
+    model, x = tiny_mae(), images(batch=2)
+    with torch.no_grad():
+        _, pred, mask = model(x, generator=torch.Generator().manual_seed(0))
+    for source in (model, model.config):
+        out = convmae.reconstruct(source, x, pred, mask)
+        hidden = convmae.unpatchify(mask[..., None].expand(-1, -1, 768)).bool()
+        assert torch.equal(out["pasted"][~hidden], x[~hidden])
