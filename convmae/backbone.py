@@ -31,6 +31,7 @@ from .configs import ConvMAEConfig
 from .encoder import ConvViTEncoder
 from .model import ConvMAE
 from .pos_embed import resize_pos_embed
+from .vit_mae import MAE
 
 # Pretraining-only weights that a backbone never uses.
 _PRETRAIN_ONLY_PREFIXES = ("decoder.", "fuse_stage1.", "fuse_stage2.")
@@ -217,15 +218,18 @@ def encoder_embedding(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     For a ``ConvMAEBackbone`` this is its 'pooled' output. For a pretraining ``ConvMAE`` it is
     what ``ConvMAEBackbone.from_pretrained(model)`` would return before any fine-tuning: the
     mean of the stage-3 tokens, layer-normalised without affine parameters (the backbone's fresh
-    ``fc_norm``). Wrappers exposing ``.module`` (DDP, DeepSpeed engines) are unwrapped.
+    ``fc_norm``); for the plain-ViT ``MAE`` baseline the same pooling of its tokens. Wrappers exposing ``.module`` (DDP, DeepSpeed engines) are unwrapped.
     """
-    while not isinstance(model, (ConvMAE, ConvMAEBackbone)) and hasattr(model, "module"):
+    while not isinstance(model, (ConvMAE, MAE, ConvMAEBackbone)) and hasattr(model, "module"):
         model = model.module
     if isinstance(model, ConvMAEBackbone):
         return model.forward_features(images)["pooled"]
-    if not isinstance(model, ConvMAE):
-        raise TypeError(f"expected a ConvMAE or ConvMAEBackbone, got {type(model).__name__}")
-    images = images.to(model.encoder.stage1_embed.proj.weight.dtype)
-    _, _, tokens = model.encoder.forward_features(images)
-    pooled = tokens.mean(dim=1)
+    if isinstance(model, MAE):  # the plain-ViT baseline: its tokens, pooled the same way
+        pooled = model.pooled_embedding(images)
+    elif isinstance(model, ConvMAE):
+        images = images.to(model.encoder.stage1_embed.proj.weight.dtype)
+        _, _, tokens = model.encoder.forward_features(images)
+        pooled = tokens.mean(dim=1)
+    else:
+        raise TypeError(f"expected a ConvMAE, MAE or ConvMAEBackbone, got {type(model).__name__}")
     return F.layer_norm(pooled, pooled.shape[-1:], eps=TRANSFORMER_NORM_EPS)

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from .configs import ConvMAEConfig
+from .configs import ModelConfig, config_from_dict
 
 CheckpointSource = Union[str, os.PathLike, IO[bytes], Mapping[str, Any]]
 
@@ -305,5 +305,5 @@ def read_pretrained_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_pretrained_config(path: str | os.PathLike) -> ConvMAEConfig:
-    return ConvMAEConfig.from_dict(read_pretrained_meta(path)["config"])
+def load_pretrained_config(path: str | os.PathLike) -> ModelConfig:
+    return config_from_dict(read_pretrained_meta(path)["config"])

@@ -15,6 +15,9 @@ Provenance of the presets (the official repository, Alpha-VL/ConvMAE, ships code
 * ``convmae_small``: embed dims 128/256/384, depths 2/2/11, 6 heads, MLP ratio 4, i.e. Base with
   ViT-S widths (384 = 6 heads of 64), as in the Alpha-VL FastConvMAE family. Derived, not verified.
 * ``convmae_tiny``: ours, for CPU tests only.
+* ``mae_tiny`` / ``mae_small`` / ``mae_base``: the plain-ViT MAE baseline (``MAEConfig``,
+  ``vit_mae.py``), each sized to cost the same pretraining FLOPs per image as the ConvMAE preset
+  of the same size (counted by ``service/runtime/flops.py``; see ``MAE_FLOP_MATCH``).
 
 All presets use the official MAE-style decoder (512-d, 8 blocks, 16 heads). The official model
 builds its decoder blocks with the *first* stage's MLP ratio (``mlp_ratio[0]``), so
@@ -28,7 +31,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 # Sanity limits on a configuration, checked before any weight is allocated: a config.json from
 # elsewhere (a save_pretrained folder, a registry download) could otherwise ask for hundreds of
@@ -154,6 +157,11 @@ class ConvMAEConfig:
         return math.prod(self.patch_sizes)
 
     @property
+    def encoder_dim(self) -> int:
+        """Width of the tokens the encoder hands to the decoder (stage 3)."""
+        return self.embed_dims[2]
+
+    @property
     def grid_size(self) -> int:
         return self.img_size // self.patch_size
 
@@ -189,6 +197,118 @@ def _items(name: str, value: Any) -> list[tuple[str, Any]]:
 
 def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    """The plain-ViT MAE baseline (He et al., 2022): one patch embedding straight to a ViT.
+
+    Same token grid, masking, decoder and loss as ``ConvMAEConfig``; what it lacks are the two
+    convolution stages and the multi-scale fusion. ``to_dict`` records ``family: mae`` so that
+    a ``config.json`` says which model it builds (``config_from_dict``).
+    """
+
+    img_size: int = 224
+    in_chans: int = 3
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    decoder_mlp_ratio: float = 4.0
+    norm_pix_loss: bool = True
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        limits = {"img_size": LIMITS["img_size"], "in_chans": LIMITS["in_chans"], "patch_size": (1, 64),
+                  "embed_dim": LIMITS["embed_dims"], "depth": LIMITS["depths"], "num_heads": LIMITS["num_heads"],
+                  **{k: LIMITS[k] for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")}}
+        for key, (low, high) in limits.items():
+            item = getattr(self, key)
+            if isinstance(item, bool) or not isinstance(item, int) or not low <= item <= high:
+                raise ValueError(f"{key}={item!r} is not allowed: a whole number in {low}..{high}")
+        for key in ("mlp_ratio", "decoder_mlp_ratio"):
+            item = getattr(self, key)
+            if (isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item)
+                    or not 0 < item <= MAX_MLP_RATIO):
+                raise ValueError(f"{key}={item!r} is not allowed: a number in (0, {MAX_MLP_RATIO:g}]")
+            object.__setattr__(self, key, float(item))
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of the patch size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} not divisible by num_heads={self.num_heads}")
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            raise ValueError(f"decoder_embed_dim={self.decoder_embed_dim} not divisible by "
+                             f"decoder_num_heads={self.decoder_num_heads}")
+        if isinstance(self.drop_path_rate, bool) or not isinstance(self.drop_path_rate, (int, float)) \
+                or not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate={self.drop_path_rate!r} is not allowed: a number in [0, 1)")
+        count = self.estimated_parameters()
+        if count > MAX_PARAMETERS:
+            raise ValueError(f"a model of about {count / 1e9:.1f}B parameters is not allowed: at most "
+                             f"{MAX_PARAMETERS / 1e9:g}B (embed_dim={self.embed_dim}, depth={self.depth})")
+
+    def estimated_parameters(self) -> int:
+        """Weights of the pretraining model (encoder + decoder, position embeddings included)."""
+        d, dec, tokens = self.embed_dim, self.decoder_embed_dim, self.num_patches
+        pixels = self.patch_size**2 * self.in_chans
+        encoder = pixels * d + tokens * d + self.depth * (4 * d * d + 2 * d * d * self.mlp_ratio)
+        decoder = (d * dec + tokens * dec + dec * pixels
+                   + self.decoder_depth * (4 * dec * dec + 2 * dec * dec * self.decoder_mlp_ratio))
+        return int(encoder + decoder)
+
+    @property
+    def encoder_dim(self) -> int:
+        return self.embed_dim
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": MAE_FAMILY, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MAEConfig:
+        fields = {k: v for k, v in d.items() if k != "family"}
+        if d.get("family", MAE_FAMILY) != MAE_FAMILY:
+            raise ValueError(f"family={d.get('family')!r} is not an MAEConfig (family {MAE_FAMILY!r})")
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown MAEConfig fields: {unknown}")
+        return cls(**fields)
+
+    def replace(self, **overrides: Any) -> MAEConfig:
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown MAEConfig fields: {unknown}")
+        return dataclasses.replace(self, **overrides)
+
+
+MAE_FAMILY = "mae"
+# Either model's configuration; both have img_size, patch_size, grid_size, num_patches,
+# encoder_dim, norm_pix_loss, to_dict and replace.
+ModelConfig = Union[ConvMAEConfig, MAEConfig]
+
+
+def config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
+    """The config a ``to_dict`` wrote: an ``MAEConfig`` for ``family: mae``, else (no family
+    key, as every ConvMAE config.json) a ``ConvMAEConfig``."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"a model config must be a mapping of fields, got {type(d).__name__}")
+    family = d.get("family")
+    if family == MAE_FAMILY:
+        return MAEConfig.from_dict(d)
+    if family is not None:
+        raise ValueError(f"family={family!r} is not allowed: {MAE_FAMILY!r} or absent (ConvMAE)")
+    return ConvMAEConfig.from_dict(d)
 
 
 def convmae_tiny() -> ConvMAEConfig:
@@ -238,18 +358,47 @@ def convmae_huge() -> ConvMAEConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], ConvMAEConfig]] = {
+def mae_tiny() -> MAEConfig:
+    """Plain-ViT MAE at the pretraining FLOPs per image of ``convmae_tiny`` (same width, token
+    grid and decoder; the conv stages' FLOPs bought back as transformer blocks: 8 of them, against
+    convmae_tiny's 2 conv + 2 conv + 2 transformer blocks). Pretraining FLOPs/image 0.997x."""
+    return MAEConfig(img_size=64, embed_dim=64, depth=8, num_heads=4, decoder_embed_dim=64, decoder_depth=2,
+                     decoder_num_heads=4)
+
+
+def mae_small() -> MAEConfig:
+    """Plain-ViT MAE (ViT-S width) at the pretraining FLOPs per image of ``convmae_small`` (0.998x)."""
+    return MAEConfig(embed_dim=384, depth=18, num_heads=6)
+
+
+def mae_base() -> MAEConfig:
+    """Plain-ViT MAE (ViT-B width) at the pretraining FLOPs per image of ``convmae_base`` (1.011x).
+
+    The paper's MAE-B is ViT-B/16 with 12 blocks and costs 0.85x ConvMAE-B's pretraining FLOPs
+    (the conv stages at stride 4 and 8 are not cheap); matching FLOPs rather than parameters
+    takes 17 blocks. ``get_config("mae_base", depth=12)`` is the paper's MAE-B."""
+    return MAEConfig(embed_dim=768, depth=17, num_heads=12)
+
+
+# Each MAE preset and the ConvMAE preset whose pretraining FLOPs per image (forward + backward,
+# mask ratio 0.75, the preset's img_size, service/runtime/flops.py) it matches within 2%.
+MAE_FLOP_MATCH: dict[str, str] = {"mae_tiny": "convmae_tiny", "mae_small": "convmae_small", "mae_base": "convmae_base"}
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "convmae_tiny": convmae_tiny,
     "convmae_small": convmae_small,
     "convmae_base": convmae_base,
     "convmae_large": convmae_large,
     "convmae_huge": convmae_huge,
+    "mae_tiny": mae_tiny,
+    "mae_small": mae_small,
+    "mae_base": mae_base,
 }
 
 
-def get_config(name: str, **overrides: Any) -> ConvMAEConfig:
+def get_config(name: str, **overrides: Any) -> ModelConfig:
     try:
         preset = PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown ConvMAE preset {name!r}; choose from {sorted(PRESETS)}") from None
+        raise KeyError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}") from None
     return preset().replace(**overrides) if overrides else preset()

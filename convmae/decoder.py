@@ -6,15 +6,15 @@ import torch
 import torch.nn as nn
 
 from .blocks import TRANSFORMER_NORM_EPS, TransformerBlock
-from .configs import ConvMAEConfig
+from .configs import ModelConfig
 from .pos_embed import resize_pos_embed, sincos_2d
 
 
 class MAEDecoder(nn.Module):
-    def __init__(self, cfg: ConvMAEConfig) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         dim = cfg.decoder_embed_dim
-        self.embed = nn.Linear(cfg.embed_dims[2], dim)
+        self.embed = nn.Linear(cfg.encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, dim), requires_grad=False)
         self.blocks = nn.ModuleList(
@@ -30,7 +30,7 @@ class MAEDecoder(nn.Module):
             self.pos_embed.copy_(sincos_2d(self.pos_embed.shape[-1], grid, self.pos_embed.device).unsqueeze(0))
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """latent (B, K, C3) visible tokens in shuffle order -> (B, L, p*p*Cin) predictions."""
+        """latent (B, K, C) visible tokens in shuffle order -> (B, L, p*p*Cin) predictions."""
         x = self.embed(latent)
         b, k, d = x.shape
         n = ids_restore.shape[1]

@@ -9,11 +9,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import TRANSFORMER_NORM_EPS, Pointwise
-from .configs import ConvMAEConfig, get_config
+from .configs import ConvMAEConfig, MAEConfig, ModelConfig, get_config
 from .decoder import MAEDecoder
 from .encoder import ConvViTEncoder
 from .masking import BlockMask, random_block_mask
-from .patches import conv_as_linear, patchify
+from .patches import conv_as_linear, masked_patch_loss
+from .vit_mae import MAE
 
 
 def fuse_blocks(conv: nn.Conv2d, blocks: torch.Tensor) -> torch.Tensor:
@@ -81,13 +82,7 @@ class ConvMAE(nn.Module):
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error over the pixels of masked patches only (computed in float32)."""
-        target = patchify(imgs.float(), self.config.patch_size)
-        if self.config.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)  # unbiased, as the official loss
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, L)
-        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+        return masked_patch_loss(imgs, pred, mask, self.config.patch_size, self.config.norm_pix_loss)
 
     def forward(
         self,
@@ -106,10 +101,18 @@ class ConvMAE(nn.Module):
         return loss, pred, block_mask.mask
 
 
-def build_model_from_config(cfg: ConvMAEConfig) -> ConvMAE:
+# Either pretraining model: both take (imgs, mask_ratio, generator, block_mask) and return
+# (loss, pred, mask), and have random_mask, forward_encoder, forward_decoder and forward_loss.
+PRETRAINING_MODELS = (ConvMAE, MAE)
+
+
+def build_model_from_config(cfg: ModelConfig) -> ConvMAE | MAE:
+    """A ``ConvMAE`` for a ``ConvMAEConfig``, the plain-ViT ``MAE`` baseline for an ``MAEConfig``."""
+    if isinstance(cfg, MAEConfig):
+        return MAE(cfg)
     return ConvMAE(cfg)
 
 
-def build_model(name: str, **overrides: Any) -> ConvMAE:
+def build_model(name: str, **overrides: Any) -> ConvMAE | MAE:
     """A preset by name; ``overrides`` replace config fields, e.g. ``img_size=32``."""
-    return ConvMAE(get_config(name, **overrides))
+    return build_model_from_config(get_config(name, **overrides))

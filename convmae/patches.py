@@ -76,3 +76,20 @@ def split_cells(blocks: torch.Tensor, kernel: int) -> torch.Tensor:
 def conv_as_linear(weight: torch.Tensor) -> torch.Tensor:
     """Weight of a kernel==stride Conv2d, (Cout, Cin, k, k), as a Linear weight over (ky, kx, Cin)."""
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def masked_patch_loss(
+    imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch: int, norm_pix_loss: bool
+) -> torch.Tensor:
+    """MAE's loss: mean squared error over the pixels of masked patches only (in float32).
+
+    imgs (B, C, H, W), pred (B, L, patch*patch*C), mask (B, L) with 1 = masked. With
+    ``norm_pix_loss`` each target patch is normalised by its own mean and (unbiased) variance.
+    """
+    target = patchify(imgs.float(), patch)
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)  # unbiased, as the official loss
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, L)
+    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)

@@ -1,7 +1,8 @@
 """Our own model format: a directory with ``config.json`` and ``model.safetensors``.
 
 Nothing is unpickled on load: the config is JSON, the weights safetensors. A directory holds a
-pretraining ``ConvMAE`` or a ``ConvMAEBackbone`` (e.g. a fine-tuned classifier).
+pretraining ``ConvMAE`` (or the plain-ViT ``MAE`` baseline) or a ``ConvMAEBackbone`` (e.g. a
+fine-tuned classifier).
 """
 
 from __future__ import annotations
@@ -27,21 +28,22 @@ from .checkpoint import (
     compare_keys,
     read_pretrained_meta,
 )
-from .configs import ConvMAEConfig
-from .model import ConvMAE
+from .configs import MAEConfig, ModelConfig, config_from_dict
+from .model import build_model_from_config
 
 # A classifier head beyond this is a corrupt config.json, not a data set (ImageNet-22k has 21841).
 MAX_NUM_CLASSES = 100_000
 
 
-def read_config(meta: dict[str, Any], where: str | os.PathLike) -> ConvMAEConfig:
-    """The model config of a ``config.json``, checked against ``convmae.configs.LIMITS`` before
-    anything is built; a ValueError naming ``where`` and the key otherwise."""
+def read_config(meta: dict[str, Any], where: str | os.PathLike) -> ModelConfig:
+    """The model config of a ``config.json`` (a ``ConvMAEConfig``, or an ``MAEConfig`` for
+    ``family: mae``), checked against ``convmae.configs.LIMITS`` before anything is built; a
+    ValueError naming ``where`` and the key otherwise."""
     config = meta.get("config")
     if not isinstance(config, dict):
         raise ValueError(f"{where}: 'config' is {config!r}, not a mapping of ConvMAEConfig fields")
     try:
-        return ConvMAEConfig.from_dict(config)
+        return config_from_dict(config)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: {exc}") from None
 
@@ -49,7 +51,7 @@ def read_config(meta: dict[str, Any], where: str | os.PathLike) -> ConvMAEConfig
 def save_pretrained(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into the directory ``path``.
 
-    ``model`` is a ``ConvMAE`` or a ``ConvMAEBackbone`` (e.g. a fine-tuned classifier); for a
+    ``model`` is a ``ConvMAE``, an ``MAE`` or a ``ConvMAEBackbone`` (e.g. a fine-tuned classifier); for a
     backbone, ``config.json`` also records ``architecture: backbone``, its head size and its
     pooling, so that ``load_pretrained`` rebuilds the same module.
     """
@@ -70,6 +72,9 @@ def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
     meta = read_pretrained_meta(path)
     cfg = read_config(meta, Path(path) / CONFIG_FILE)
     architecture = meta.get("architecture", PRETRAIN)
+    if architecture == BACKBONE and isinstance(cfg, MAEConfig):
+        raise ValueError(f"{Path(path) / CONFIG_FILE}: architecture {BACKBONE!r} is not allowed for the plain-ViT "
+                         f"MAE baseline (family {cfg.to_dict()['family']!r}): it has only a pretraining model")
     if architecture == BACKBONE:
         num_classes = meta.get("num_classes", 0)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 <= num_classes <= MAX_NUM_CLASSES:
@@ -77,7 +82,7 @@ def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
                              f"a whole number in 0..{MAX_NUM_CLASSES}")
         model: nn.Module = ConvMAEBackbone(cfg, num_classes=num_classes, global_pool=bool(meta.get("global_pool", True)))
     elif architecture == PRETRAIN:
-        model = ConvMAE(cfg)
+        model = build_model_from_config(cfg)
     else:
         raise ValueError(f"{path}: unknown architecture {architecture!r} (expected {PRETRAIN!r} or {BACKBONE!r})")
     state = load_file(str(Path(path) / WEIGHTS_FILE), device="cpu")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .configs import ConvMAEConfig
+from .configs import ConvMAEConfig, MAEConfig
 from .patches import patchify, unpatchify
 
 STATS = ("target", "visible")
 
 
 def reconstruct(
-    model_or_cfg: nn.Module | ConvMAEConfig, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+    model_or_cfg: nn.Module | ConvMAEConfig | MAEConfig, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
     *, stats: str = "target",
 ) -> dict[str, torch.Tensor]:
     """(B, C, H, W) images in the same (normalised) pixel space as ``imgs``.
@@ -27,7 +27,7 @@ def reconstruct(
     """
     if stats not in STATS:
         raise ValueError(f"stats={stats!r} is not allowed: one of {', '.join(STATS)}")
-    cfg = model_or_cfg if isinstance(model_or_cfg, ConvMAEConfig) else model_or_cfg.config
+    cfg = model_or_cfg if isinstance(model_or_cfg, (ConvMAEConfig, MAEConfig)) else model_or_cfg.config
     p = cfg.patch_size
     grid = (imgs.shape[-2] // p, imgs.shape[-1] // p)
     channels = imgs.shape[1]

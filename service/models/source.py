@@ -37,7 +37,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from convmae import ConvMAE, ConvMAEBackbone, ConvMAEConfig
+from convmae import (
+    PRETRAINING_MODELS,
+    ConvMAEBackbone,
+    MAEConfig,
+    ModelConfig,
+    build_model_from_config,
+)
 from service.config import redact_url
 from service.data.scratch import scratch
 from service.runtime.engine import ENGINE_STATE_DIR, consolidated_state_dict, has_engine_state
@@ -56,7 +62,7 @@ class ModelSourceError(ValueError):
 class ModelSource:
     """A loaded model and where it came from."""
 
-    model: nn.Module  # ConvMAE (has a decoder) or ConvMAEBackbone, on CPU, eval mode
+    model: nn.Module  # ConvMAE or MAE (has a decoder) or ConvMAEBackbone, on CPU, eval mode
     uri: str  # the source as given
     kind: str  # "mlflow" | "pretrained_dir" | "deepspeed" | "official" | "state_dict" | "random"
     run_id: str | None = None  # the MLflow run that produced the model, if any
@@ -64,17 +70,18 @@ class ModelSource:
     preset: str | None = None  # the matched preset, where the config had to be inferred
 
     @property
-    def config(self) -> ConvMAEConfig:
+    def config(self) -> ModelConfig:
         return self.model.config
 
     @property
     def is_pretraining_model(self) -> bool:
         """True when it has the MAE decoder (reconstruction loss, reconstruction images)."""
-        return isinstance(self.model, ConvMAE)
+        return isinstance(self.model, PRETRAINING_MODELS)
 
     def describe(self) -> str:
-        arch = "ConvMAE" if self.is_pretraining_model else "ConvMAEBackbone"
-        size = f"img_size {self.config.img_size}, dims {list(self.config.embed_dims)}"
+        arch = type(self.model).__name__
+        dims = [self.config.embed_dim] if isinstance(self.config, MAEConfig) else list(self.config.embed_dims)
+        size = f"img_size {self.config.img_size}, dims {dims}"
         run = f", MLflow run {self.run_id}" if self.run_id else ""
         return f"{redact_url(self.uri)} ({self.kind}: {arch}, {size}{run})"
 
@@ -255,8 +262,11 @@ def from_state_dict(checkpoint: Mapping[str, Any], *, uri: str = "<state_dict>",
                                f"{sorted(unknown)[:10]}")
     cfg, name = infer_config(ours, preset=preset, uri=uri)
     if "decoder.pred.weight" in ours:
-        model: nn.Module = ConvMAE(cfg)
+        model: nn.Module = build_model_from_config(cfg)
         _load_exactly(model, ours, uri)
+    elif isinstance(cfg, MAEConfig):
+        raise ModelSourceError(f"--model {uri!r}: weights of the plain-ViT MAE baseline ({name}) without its "
+                               "decoder; only its whole pretraining model can be loaded")
     else:
         head = ours.get("head.weight")
         global_pool = "fc_norm.weight" in ours or "encoder_norm.weight" not in ours
@@ -277,7 +287,7 @@ def _load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], uri: str)
 
 
 def infer_config(state: Mapping[str, torch.Tensor], *, preset: str | None = None,
-                 uri: str = "<state_dict>") -> tuple[ConvMAEConfig, str]:
+                 uri: str = "<state_dict>") -> tuple[ModelConfig, str]:
     """The preset (at the image size of the position embedding) whose shapes ``state`` has.
 
     ``state`` uses our key names. Only the keys the checkpoint has are compared, and every
@@ -300,7 +310,7 @@ def infer_config(state: Mapping[str, torch.Tensor], *, preset: str | None = None
         cfg = get_config(name)
         cfg = cfg.replace(img_size=grid * cfg.patch_size)
         with torch.device("meta"):  # shapes only: no memory, no init cost even for huge
-            reference = ConvMAE(cfg).state_dict()
+            reference = build_model_from_config(cfg).state_dict()
         wanted = {k: v for k, v in reference.items() if k.startswith("encoder.") or (has_decoder and
                   k.startswith(("decoder.", "fuse_stage", "encoder_norm.")))}
         if all(k in state and tuple(state[k].shape) == tuple(v.shape) for k, v in wanted.items()):

@@ -29,12 +29,13 @@ def export_checkpoint(checkpoint_dir: str | Path, model_config: dict[str, Any], 
     """Consolidates a (ZeRO-sharded) checkpoint into fp32 ``convmae.save_pretrained`` form.
 
     ``model``: the module the checkpoint was trained as, freshly built (e.g. a fine-tuned
-    ``ConvMAEBackbone`` with its head); default a ``ConvMAE`` built from ``model_config``.
+    ``ConvMAEBackbone`` with its head); default the pretraining model (``ConvMAE``, or ``MAE``
+    for an MAE config) built from ``model_config``.
     """
-    from convmae import ConvMAEConfig, build_model_from_config, save_pretrained
+    from convmae import build_model_from_config, config_from_dict, save_pretrained
 
     if model is None:
-        model = build_model_from_config(ConvMAEConfig.from_dict(model_config))
+        model = build_model_from_config(config_from_dict(model_config))
     state = consolidated_state_dict(checkpoint_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

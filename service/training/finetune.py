@@ -42,6 +42,7 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
     """Fine-tunes ``cfg.model`` on ``cfg.data`` on the Ray cluster and registers the classifier."""
     import ray
 
+    from convmae import ConvMAEConfig
     from service import data as data_lib
     from service.models.source import load_model_source
     from service.training.finetune_worker import FinetuneInputs, finetune_worker
@@ -66,6 +67,10 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
     source = load_model_source(cfg.model, tracking_uri=resolve_tracking_uri(cfg.mlflow.tracking_uri),
                                preset=cfg.model_preset or None, seed=cfg.train.seed,
                                storage_options=data_lib.storage_options(cfg.storage))
+    if not isinstance(source.config, ConvMAEConfig):
+        raise ConfigError(f"model={redact_url(cfg.model)!r} is the plain-ViT MAE baseline: fine-tuning takes a "
+                          "ConvMAE model (its backbone is a ConvMAEBackbone); the baseline is for pretraining "
+                          "comparisons, scored with jobs/evaluate.py")
     model_config = source.config.replace(img_size=cfg.img_size or source.config.img_size)
     log.info("fine-tuning %s on %s (%d samples, %d classes)%s", source.describe(), redact_url(train_url),
              train_set.num_samples, num_classes, f", validation {redact_url(val_url)}" if val_url else "")

@@ -64,3 +64,13 @@ def test_op_count_is_the_codes_not_the_core_counts():
     finally:
         torch.set_num_threads(threads)
     assert counts[1] == counts[2] == 1
+
+
+def test_the_workers_engine_trains_the_mae_baseline():
+    # The step pretrain_worker runs (DeepSpeed engine, ZeRO-2), on the plain-ViT MAE preset.
+    done = subprocess.run([sys.executable, str(SCRIPT), *TINY[2:], "--model", "mae_tiny"], capture_output=True,
+                          text=True, timeout=300, cwd=SCRIPT.parents[1])
+    assert done.returncode == 0, done.stderr[-4000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r["model"] == "mae_tiny" and r["service_img_per_s"] > 0 and r["ops_per_step_service"] > 0
+    assert r["paths"]["service"]["gflop_per_image"] > 0

@@ -83,10 +83,12 @@ def count(module):
 
 
 def test_preset_names_and_types():
-    assert set(convmae.PRESETS) == {"convmae_tiny", "convmae_small", "convmae_base", "convmae_large", "convmae_huge"}
+    assert set(convmae.PRESETS) == {"convmae_tiny", "convmae_small", "convmae_base", "convmae_large", "convmae_huge",
+                                    "mae_tiny", "mae_small", "mae_base"}
     for name, make in convmae.PRESETS.items():
         cfg = make()
-        assert isinstance(cfg, convmae.ConvMAEConfig), name
+        family = convmae.MAEConfig if name.startswith("mae_") else convmae.ConvMAEConfig
+        assert isinstance(cfg, family), name
         assert cfg == getattr(convmae, name)()
 
 
@@ -161,7 +163,7 @@ def test_config_is_frozen_and_validated():
 def test_parameter_estimate_is_close_to_the_built_model(name):
     cfg = convmae.get_config(name)
     with torch.device("meta"):  # shapes only
-        real = sum(p.numel() for p in convmae.ConvMAE(cfg).parameters())
+        real = sum(p.numel() for p in convmae.build_model_from_config(cfg).parameters())
     assert abs(cfg.estimated_parameters() - real) <= 0.02 * real
     assert cfg.estimated_parameters() < convmae.configs.MAX_PARAMETERS / 5 or name == "convmae_huge"
 

@@ -239,3 +239,13 @@ def test_shipped_configs_of_different_models_register_different_names():
         holds.setdefault(cfg.registered_name(), set()).add((cfg.model.name, cfg.model.img_size, cfg.data.url))
     assert len(configs) >= 5
     assert all(len(models) == 1 for models in holds.values()), holds
+
+
+
+def test_the_mae_baseline_is_a_pretraining_model_name():
+    cfg = load_config(PretrainConfig, None, parse_cli_overrides(["--model.name", "mae_tiny", "--model.img_size", "64"]))
+    assert cfg.model.name == "mae_tiny"
+    with pytest.raises(ConfigError, match="mae_base, mae_small, mae_tiny"):
+        load_config(PretrainConfig, None, {"model.name": "mae_huge"})
+    with pytest.raises(ConfigError, match="a multiple of 16"):
+        load_config(PretrainConfig, None, {"model.name": "mae_tiny", "model.img_size": 72})

@@ -37,6 +37,16 @@ def test_random_baseline_on_digits_gives_all_three_metrics(digits_dir, tmp_path)
     assert run_evaluation(cfg, device="cpu").metrics == result.metrics
 
 
+
+@pytest.mark.slow  # a full evaluation pass over the digits: minutes on a busy 2-core machine
+def test_the_plain_vit_mae_baseline_is_scored_the_same_way(digits_dir):
+    # jobs/evaluate.py --model random:mae_tiny (or a registered baseline): k-NN, probe and loss.
+    cfg = EvaluateConfig(model="random:mae_tiny:32", data=digits(digits_dir))
+    result = run_evaluation(cfg, device="cpu")
+    assert set(result.metrics) == {"eval/knn_top1", "eval/linear_probe_top1", "eval/recon_loss"}
+    assert 0.1 < result.metrics["eval/knn_top1"] <= 1.0 and result.metrics["eval/recon_loss"] > 0
+    assert result.details["train_samples"] == 1617 and result.details["val_samples"] == 180
+
 def test_metrics_are_logged_on_the_run_of_a_registered_model(mlflow_server, digits_dir, tmp_path):
     from service.tracking import ensure_experiment
     from service.tracking.registry import log_and_register

@@ -146,6 +146,31 @@ def test_save_pretrained_folder_and_random_baselines(tmp_path):
     assert load_model_source("random:convmae_tiny").config.img_size == convmae.convmae_tiny().img_size
 
 
+
+def test_the_mae_baseline_loads_from_a_folder_a_state_dict_and_random(tmp_path):
+    from service.tracking.pyfunc import ConvMAEPyfunc
+
+    torch.manual_seed(4)
+    model = convmae.build_model("mae_tiny").eval()
+    convmae.save_pretrained(model, tmp_path / "mae")
+    folder = load_model_source(str(tmp_path / "mae"))
+    assert isinstance(folder.model, convmae.MAE) and folder.is_pretraining_model and same_weights(folder.model, model)
+    assert "MAE" in folder.describe()
+    torch.save(model.state_dict(), tmp_path / "mae.pth")  # no config: the preset is inferred from shapes
+    inferred = load_model_source(str(tmp_path / "mae.pth"))
+    assert inferred.preset == "mae_tiny" and same_weights(inferred.model, model)
+    encoder_only = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    with pytest.raises(ModelSourceError, match="plain-ViT MAE baseline"):
+        from service.models.source import from_state_dict
+        from_state_dict(encoder_only)
+    random_start = load_model_source("random:mae_tiny", seed=4)
+    assert isinstance(random_start.model, convmae.MAE) and same_weights(random_start.model, model)
+    # What a registered model's pyfunc predicts: the pooled embedding, as k-NN and probes use.
+    images = torch.randn(2, 3, 64, 64)
+    embedding = ConvMAEPyfunc(folder.model).predict(images.numpy())
+    assert embedding.shape == (2, 64)
+
+
 # ---------------------------------------------------------------- MLflow
 
 

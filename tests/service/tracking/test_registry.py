@@ -193,3 +193,26 @@ def test_loading_a_registered_model_leaves_nothing_in_the_temp_directory(mlflow_
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     assert isinstance(load_model(out["registered_uri"], tracking_uri=mlflow_server), convmae.ConvMAE)
     assert list(temp.iterdir()) == []
+
+
+def test_the_mae_baseline_registers_and_loads_back(mlflow_server, tmp_path, monkeypatch):
+    import mlflow.pyfunc
+    from mlflow import MlflowClient
+
+    from service.tracking import ensure_experiment
+    from service.tracking.registry import log_and_register
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    client = MlflowClient(mlflow_server)
+    run_id = client.create_run(ensure_experiment(client, mlflow_server, "registry-tests")).info.run_id
+    torch.manual_seed(0)
+    model = convmae.build_model("mae_tiny", img_size=32)
+    folder = convmae.save_pretrained(model, tmp_path / "convmae")  # named as export_checkpoint names it
+    name = f"mae-{uuid.uuid4().hex[:8]}"
+    out = log_and_register(folder, tracking_uri=mlflow_server, run_id=run_id, registered_name=name)
+    loaded = load_model(f"models:/{name}/{out['version']}", tracking_uri=mlflow_server)
+    assert isinstance(loaded, convmae.MAE) and loaded.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    images = torch.randn(2, 3, 32, 32)
+    embedding = mlflow.pyfunc.load_model(f"models:/{name}/{out['version']}").predict(images.numpy())
+    torch.testing.assert_close(torch.as_tensor(embedding), convmae.encoder_embedding(model.eval(), images))

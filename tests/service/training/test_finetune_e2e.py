@@ -11,7 +11,7 @@ import torch
 from mlflow import MlflowClient
 
 import convmae
-from service.config import FinetuneConfig, with_overrides
+from service.config import ConfigError, FinetuneConfig, with_overrides
 from service.training.finetune import run_finetuning
 
 pytestmark = pytest.mark.e2e
@@ -77,3 +77,15 @@ def test_finetuning_beats_its_start_and_registers_a_classifier(ray_cluster, digi
     assert from_checkpoint.kind == "deepspeed" and from_checkpoint.model.num_classes == 10
     a, b = from_checkpoint.model.state_dict(), registered.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fine_tuning_the_mae_baseline_is_refused_by_name(digits_dir, tmp_path):
+    # The baseline has no ConvMAEBackbone; the job stops on its config before any worker starts.
+    torch.manual_seed(0)
+    folder = convmae.save_pretrained(convmae.build_model("mae_tiny", img_size=32), tmp_path / "mae")
+    cfg = with_overrides(FinetuneConfig(), {
+        "model": str(folder), "data.embedded_dir": str(digits_dir), "data.loader_workers": 0,
+        "checkpoint.storage_path": str(tmp_path / "runs"), "mlflow.tracking_uri": f"sqlite:///{tmp_path}/m.db",
+    })
+    with pytest.raises(ConfigError, match="plain-ViT MAE baseline: fine-tuning takes a ConvMAE model"):
+        run_finetuning(cfg)
