@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import service.training.pretrain_worker as pretrain_worker
-from service.config import PretrainConfig, to_dict, with_overrides
+from service.config import PretrainConfig, with_overrides
 from service.runtime.worker import WorkerContext
 from service.training.pretrain_worker import starting_model
+from service.training.settings import WorkerSettings
 
 
 class StartedTraining(Exception):
@@ -29,8 +30,9 @@ def weights_the_worker_starts_from(cfg: PretrainConfig, monkeypatch: pytest.Monk
     monkeypatch.setattr(pretrain_worker, "worker_context",
                         lambda: WorkerContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     with pytest.raises(StartedTraining):
-        pretrain_worker.train_worker({"config": to_dict(cfg),
-                                      "train_url": "unused", "val_url": "unused", "credentials": None})
+        pretrain_worker.train_worker(WorkerSettings(
+            config=cfg, use_gpu=False, precision="fp32", compile_model=False, lr=1e-3, train_url="unused",
+            val_url="unused", tracking_uri="unused", mlflow_run_id=None, credentials=None, job_started_at=None))
     return handed
 
 
