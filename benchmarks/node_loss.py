@@ -25,9 +25,7 @@ shows.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -46,33 +44,9 @@ from tests.fixtures.multinode_cluster import (  # noqa: E402
     upload_digits,
     wait_for,
 )
-from tests.fixtures.s3 import FAKE_ENV, create_bucket  # noqa: E402
+from tests.fixtures.s3 import create_bucket, serving_s3  # noqa: E402
 
 TIMEOUT_S = 900.0
-
-
-@contextlib.contextmanager
-def s3_server():
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in (*FAKE_ENV, "AWS_ENDPOINT_URL")}
-    os.environ.update({**FAKE_ENV, "AWS_ENDPOINT_URL": endpoint})
-    try:
-        yield endpoint
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 def first_finished_step_after(seen: list[dict], moment: float, old_attempts: set[int]) -> tuple[int, float] | None:
@@ -155,7 +129,7 @@ def main() -> int:
     from service.data import resolve_data_urls
 
     results = []
-    with tempfile.TemporaryDirectory(prefix="node-loss-") as tmp, s3_server() as endpoint:
+    with tempfile.TemporaryDirectory(prefix="node-loss-") as tmp, serving_s3() as endpoint:
         work = Path(tmp)
         resolve_data_urls(DataConfig(embedded_dir=str(work / "embedded")))
         for scenario in (("kill", "drain") if args.scenario == "both" else (args.scenario,)):

@@ -8,12 +8,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .autoencoder import MaskedAutoencoder
 from .blocks import TRANSFORMER_NORM_EPS, Pointwise
 from .configs import ConvMAEConfig, MAEConfig, ModelConfig, get_config
 from .decoder import MAEDecoder
 from .encoder import ConvViTEncoder
-from .masking import BlockMask, random_block_mask
-from .patches import conv_as_linear, masked_patch_loss
+from .masking import BlockMask
+from .patches import conv_as_linear
 from .vit_mae import MAE
 
 
@@ -27,7 +28,7 @@ def fuse_blocks(conv: nn.Conv2d, blocks: torch.Tensor) -> torch.Tensor:
     return F.linear(blocks.reshape(b, k, -1), conv_as_linear(conv.weight), conv.bias)
 
 
-class ConvMAE(nn.Module):
+class ConvMAE(MaskedAutoencoder):
     def __init__(self, cfg: ConvMAEConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -50,24 +51,8 @@ class ConvMAE(nn.Module):
         w = self.encoder.stage3_embed.proj.weight
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
         nn.init.normal_(self.decoder.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear) and not isinstance(m, Pointwise):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return {"encoder.pos_embed", "decoder.pos_embed", "decoder.mask_token"}
-
-    def random_mask(
-        self, imgs: torch.Tensor, mask_ratio: float = 0.75, generator: torch.Generator | None = None
-    ) -> BlockMask:
-        p = self.config.patch_size
-        grid = (imgs.shape[-2] // p, imgs.shape[-1] // p)
-        return random_block_mask(imgs.shape[0], grid, mask_ratio, imgs.device, generator)
+        # The 1x1 convs of the conv blocks (Pointwise) keep PyTorch's conv init, as in the official code.
+        self.init_linear_and_norm_layers(keep=(Pointwise,))
 
     def forward_encoder(self, imgs: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
         """Latents of the visible tokens, (B, K, C3), in ``block_mask.ids_keep`` order."""
@@ -77,28 +62,9 @@ class ConvMAE(nn.Module):
         fused = tokens + fuse_blocks(self.fuse_stage1, stage1) + fuse_blocks(self.fuse_stage2, stage2)
         return self.encoder_norm(fused)
 
-    def forward_decoder(self, latent: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
-        return self.decoder(latent, block_mask.ids_restore, block_mask.grid)  # (B, L, p*p*Cin)
-
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over the pixels of masked patches only (computed in float32)."""
-        return masked_patch_loss(imgs, pred, mask, self.config.patch_size, self.config.norm_pix_loss)
-
-    def forward(
-        self,
-        imgs: torch.Tensor,
-        mask_ratio: float = 0.75,
-        generator: torch.Generator | None = None,
-        block_mask: BlockMask | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (loss, pred (B, L, p*p*Cin), mask (B, L) with 1 = masked)."""
-        if block_mask is None:
-            block_mask = self.random_mask(imgs, mask_ratio, generator)
-        # Inputs follow the weights' dtype (e.g. bf16 engines); the loss target keeps full precision.
-        latent = self.forward_encoder(imgs.to(self.encoder.stage1_embed.proj.weight.dtype), block_mask)
-        pred = self.forward_decoder(latent, block_mask)
-        loss = self.forward_loss(imgs, pred, block_mask.mask)
-        return loss, pred, block_mask.mask
+    @property
+    def input_weight(self) -> torch.Tensor:
+        return self.encoder.stage1_embed.proj.weight
 
 
 # Either pretraining model: both take (imgs, mask_ratio, generator, block_mask) and return

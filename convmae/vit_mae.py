@@ -19,12 +19,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .autoencoder import MaskedAutoencoder
 from .blocks import TRANSFORMER_NORM_EPS, TransformerBlock
 from .configs import MAEConfig
 from .decoder import MAEDecoder
 from .encoder import stochastic_depth_rates, take_tokens
-from .masking import BlockMask, random_block_mask
-from .patches import masked_patch_loss
+from .masking import BlockMask
 from .pos_embed import resize_pos_embed, sincos_2d
 
 
@@ -73,7 +73,7 @@ class ViTEncoder(nn.Module):
         return tokens
 
 
-class MAE(nn.Module):
+class MAE(MaskedAutoencoder):
     """Same interface as ``ConvMAE``: forward -> (loss, pred (B, L, p*p*Cin), mask (B, L))."""
 
     def __init__(self, cfg: MAEConfig) -> None:
@@ -92,50 +92,15 @@ class MAE(nn.Module):
         w = self.encoder.patch_embed.weight
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
         nn.init.normal_(self.decoder.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        return {"encoder.pos_embed", "decoder.pos_embed", "decoder.mask_token"}
-
-    def random_mask(
-        self, imgs: torch.Tensor, mask_ratio: float = 0.75, generator: torch.Generator | None = None
-    ) -> BlockMask:
-        """MAE's per-patch random mask on the token grid."""
-        p = self.config.patch_size
-        grid = (imgs.shape[-2] // p, imgs.shape[-1] // p)
-        return random_block_mask(imgs.shape[0], grid, mask_ratio, imgs.device, generator)
+        self.init_linear_and_norm_layers()
 
     def forward_encoder(self, imgs: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
         """Latents of the visible tokens, (B, K, D), in ``block_mask.ids_keep`` order."""
         return self.encoder_norm(self.encoder.forward_visible(imgs, block_mask))
 
-    def forward_decoder(self, latent: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
-        return self.decoder(latent, block_mask.ids_restore, block_mask.grid)  # (B, L, p*p*Cin)
-
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_patch_loss(imgs, pred, mask, self.config.patch_size, self.config.norm_pix_loss)
-
-    def forward(
-        self,
-        imgs: torch.Tensor,
-        mask_ratio: float = 0.75,
-        generator: torch.Generator | None = None,
-        block_mask: BlockMask | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if block_mask is None:
-            block_mask = self.random_mask(imgs, mask_ratio, generator)
-        # Inputs follow the weights' dtype (e.g. bf16 engines); the loss target keeps full precision.
-        latent = self.forward_encoder(imgs.to(self.encoder.patch_embed.weight.dtype), block_mask)
-        pred = self.forward_decoder(latent, block_mask)
-        loss = self.forward_loss(imgs, pred, block_mask.mask)
-        return loss, pred, block_mask.mask
+    @property
+    def input_weight(self) -> torch.Tensor:
+        return self.encoder.patch_embed.weight
 
     def pooled_embedding(self, images: torch.Tensor) -> torch.Tensor:
         """Mean of the unmasked image's encoder tokens, (B, D), before any norm."""
