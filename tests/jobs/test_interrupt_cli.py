@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,9 +43,9 @@ def job_env(ray_tmp: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmp)}
 
 
-def run_interrupted(args: list[str], env: dict[str, str], cwd: Path, snapshot: Path) -> tuple[int, str, bool]:
-    """Runs the job and sends it SIGINT (Ctrl+C) at its first training step logged after Ray Train
-    recorded a checkpoint (its run snapshot exists); returns (exit status, output, sent)."""
+def run_interrupted(args: list[str], env: dict[str, str], cwd: Path, ready: Callable[[], bool]) -> tuple[int, str, bool]:
+    """Runs the job and sends it SIGINT (Ctrl+C) at its first training step logged once ``ready()``;
+    returns (exit status, output, sent)."""
     proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     safety_net = threading.Timer(SAFETY_NET_S, proc.kill)
     safety_net.start()
@@ -54,7 +54,7 @@ def run_interrupted(args: list[str], env: dict[str, str], cwd: Path, snapshot: P
     try:
         for line in proc.stdout:
             lines.append(line)
-            if not sent and "service.training.loop INFO epoch" in line and snapshot.exists():
+            if not sent and "service.training.loop INFO epoch" in line and ready():
                 proc.send_signal(signal.SIGINT)
                 sent = True
         return proc.wait(), "".join(lines), sent
@@ -78,8 +78,9 @@ def test_ctrl_c_during_training_exits_130_with_one_line_the_run_killed_and_resum
     args = pretrain_args(tmp_path, digits_dir, tracking_uri)
     env = job_env(ray_tmp)
 
-    code, output, sent = run_interrupted(args, env, tmp_path, tmp_path / "runs" / "ctrl-c" /
-                                         "checkpoint_manager_snapshot.json")
+    # Once Ray Train recorded a checkpoint (its run snapshot exists), so there is one to resume.
+    snapshot = tmp_path / "runs" / "ctrl-c" / "checkpoint_manager_snapshot.json"
+    code, output, sent = run_interrupted(args, env, tmp_path, snapshot.exists)
 
     assert sent, f"the job logged no step after a checkpoint:\n{output[-4000:]}"
     assert code == 130, output[-4000:]  # 128 + SIGINT, as the shell reports a command stopped by Ctrl+C
@@ -96,3 +97,28 @@ def test_ctrl_c_during_training_exits_130_with_one_line_the_run_killed_and_resum
     assert "resumed from " in again.stdout + again.stderr, again.stderr[-4000:]  # a worker's line
     [resumed] = client.search_runs([experiment_id])
     assert (resumed.info.run_id, resumed.info.status) == (run.info.run_id, "FINISHED")
+
+
+def test_ctrl_c_during_a_sweep_exits_130_with_one_line_and_the_sweep_run_killed(digits_dir, tmp_path, ray_tmp):
+    """Tune answers Ctrl+C itself and returns; the job then ends as any stopped job (before: the
+    trial table, a sentence, exit status 1). Resuming a sweep is test_tune_e2e's."""
+    from mlflow import MlflowClient
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    args = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(ROOT / "jobs/configs/sweep_tiny_cpu.yaml"),
+            "--sweep.name", "ctrl-c", "--sweep.storage_path", str(tmp_path / "sweeps"), "--model.img_size", "32",
+            "--sweep.space.model.mask_ratio", "grid [0.6, 0.75]",  # 0.9 leaves no patch at 32 px
+            "--data.embedded_dir", str(digits_dir), "--train.log_every_steps", "1", "--train.knn_k", "0",
+            "--checkpoint.storage_path", str(tmp_path / "runs"), "--mlflow.tracking_uri", tracking_uri,
+            "--mlflow.system_metrics", "false"]
+
+    code, output, sent = run_interrupted(args, job_env(ray_tmp), tmp_path, lambda: True)
+
+    assert sent, f"no trial logged a step:\n{output[-4000:]}"
+    assert code == 130, output[-4000:]
+    assert output.rstrip().splitlines()[-1] == "tune.py: stopped by Ctrl+C; run the same command again to resume"
+    assert "Traceback" not in output, output[-4000:]
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("convmae-sweep").experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED"
