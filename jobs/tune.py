@@ -26,15 +26,18 @@ from service.config import TuneJobConfig, redact_url  # noqa: E402
 def _sweep(config: TuneJobConfig):
     from service.tune.sweep import run_sweep
 
-    return run_sweep(config)
+    result = run_sweep(config)
+    if result.interrupted:
+        # Tune answers Ctrl+C itself: it stops the trials, saves the sweep's state and returns;
+        # the sweep's MLflow run has ended KILLED. The job then ends like any stopped job: one
+        # line and exit status 130, and the same command resumes the sweep.
+        raise KeyboardInterrupt
+    return result
 
 
 def _report(result, config: TuneJobConfig) -> int:
     print(f"\nsweep {result.name}: objective {result.metric} ({result.mode}), {len(result.trials)} trial(s)")
     print(result.table)
-    if result.interrupted:
-        print("the sweep was interrupted; run the same command again to resume it")
-        return 1
     if result.best is not None:
         print(f"best trial {result.best.trial_id}: {result.metric}={result.best.objective:.4f} {result.best.params}")
     if result.registered_uri:

@@ -26,6 +26,7 @@ SEARCHERS = ("random", "grid", "tpe")
 SCHEDULERS = ("asha", "fifo")
 OBJECTIVES = {"val/recon_loss": "min", "val/knn_top1": "max"}
 DIMENSION_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+MIN_DRIVER_CPUS = 0.0001  # Ray's resolution of fractional resources
 # Keys that say where and how a trial is stored and tracked: the sweep sets them itself.
 NOT_SWEEPABLE = frozenset({"run_name", "checkpoint.storage_path", "checkpoint.resume", "mlflow.tracking_uri",
                            "mlflow.experiment", "mlflow.register", "dist.ray_address"})
@@ -49,7 +50,7 @@ class SweepConfig:
     reduction_factor: int = 2  # ASHA keeps 1 in this many trials at each rung
     storage_path: str = "convmae_sweeps"  # local dir or s3://bucket/prefix
     resume: bool = True  # continue an interrupted sweep of the same name from its storage
-    driver_cpus: float = 0.25  # CPU reserved for each trial's driver function
+    driver_cpus: float = 0.25  # CPU reserved for each trial's driver function (at least 0.0001)
     seed: int = 0  # seed of the searcher's draws: the same seed tries the same values
     alias: str = ""  # registry alias of the best model; empty: best-sweep-<name>
 
@@ -158,7 +159,11 @@ def validate_sweep(cfg: TuneJobConfig) -> None:
                 ">= 0 (0: automatic)")
     check_sweep(s.grace_period >= 1, "grace_period", s.grace_period, ">= 1 epoch")
     check_sweep(s.reduction_factor >= 2, "reduction_factor", s.reduction_factor, ">= 2")
-    check_sweep(s.driver_cpus >= 0, "driver_cpus", s.driver_cpus, ">= 0")
+    # Tune cannot place a trial driver that holds nothing (a bundle of 0 CPU is refused when the
+    # sweep starts); 0.0001 is Ray's smallest fraction of a CPU.
+    check_sweep(s.driver_cpus >= MIN_DRIVER_CPUS, "driver_cpus", s.driver_cpus,
+                f"a number >= {MIN_DRIVER_CPUS:g}: each trial's driver holds some CPU (a fraction such as 0.01 "
+                "is next to none)")
     check_sweep(bool(s.storage_path), "storage_path", s.storage_path, "a local path or URL")
     check_seed("sweep.seed", s.seed, MAX_NUMPY_SEED)
     dims = parse_space(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -313,3 +314,31 @@ def forwarded_env() -> dict[str, str]:
 def worker_runtime_env() -> dict[str, Any]:
     """The runtime env of training workers: the forwarded settings and this checkout's packages."""
     return {"env_vars": {**forwarded_env(), "PYTHONPATH": with_project_on_path()}}
+
+
+@contextmanager
+def ray_stop_handlers() -> Iterator[None]:
+    """Around Ray Train's ``fit`` (and Tune's): a Ctrl+C that Ray's own handler answers leaves
+    the block as ``KeyboardInterrupt``, like every other stop, and the job's SIGINT handler is
+    back when it ends.
+
+    Ray Train (V2) installs a SIGINT handler for its run: it aborts the run (its workers stop,
+    their checkpoints stay: the same command resumes) and then calls ``sys.exit(0)``, so the
+    job would unwind as if it had finished (and exit 0, or 1 as Ray's shutdown has it) instead
+    of 130 with one line. Both Ray Train and Tune also leave their handler installed after
+    ``fit`` (Tune's until its first Ctrl+C): a Ctrl+C while the job registers its model would
+    only abort an ended run. Signal handlers belong to the main thread; elsewhere (a sweep's
+    trial) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except SystemExit as exc:
+        # Nothing in the block exits on purpose; a SystemExit there is Ray Train's handler (see
+        # data_parallel_trainer.py: _register_sigint_handler): a Ctrl+C.
+        raise KeyboardInterrupt from exc
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -27,6 +27,7 @@ from service.job_errors import raise_user_error_behind
 from service.runtime.cluster import (
     connect_ray,
     preemption_watched,
+    ray_stop_handlers,
     require_shared_storage,
     resolve_precision,
     resolve_use_gpu,
@@ -229,7 +230,7 @@ def fit_workers(worker: Callable[[WorkerSettings], None], settings: WorkerSettin
     log.info("launching %s %s worker(s); checkpoints under %s; MLflow %s run %s", worker_count(cfg),
              "GPU" if launch.use_gpu else "CPU", launch.storage_label, redact_url(launch.tracking_uri), launch.run_id)
     try:
-        with ray_train_placement_deadline(cfg):
+        with ray_train_placement_deadline(cfg), ray_stop_handlers():
             result = trainer.fit()
     except Exception as exc:
         # Bad input a worker found (a damaged shard, a refused checkpoint) is the job's bad input,

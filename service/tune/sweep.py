@@ -152,6 +152,7 @@ def _run_sweep(cfg: TuneJobConfig, dims: list[Dimension], base: PretrainConfig, 
     from service.runtime.cluster import (
         connect_ray,
         forwarded_env,
+        ray_stop_handlers,
         require_shared_storage,
         resolve_precision,
         resolve_use_gpu,
@@ -232,7 +233,8 @@ def _run_sweep(cfg: TuneJobConfig, dims: list[Dimension], base: PretrainConfig, 
                 run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=storage_path,
                                           storage_filesystem=storage_fs),
             )
-        grid = tuner.fit()
+        with ray_stop_handlers():  # Tune leaves its Ctrl+C handler behind unless one came
+            grid = tuner.fit()
 
         # Tune returns normally after a stop signal (Ctrl+C, SIGUSR1), having marked the trials it
         # cut short as terminated in memory; the experiment state it saved for resuming says which.

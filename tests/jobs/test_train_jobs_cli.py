@@ -41,6 +41,7 @@ def test_help_lists_the_keys(job, expected, tmp_path):
     ("tune", ["--sweep.space.model.mask_ratio", "grid [0.5, 1.5]"], "value 1.5 is not allowed"),
     ("tune", ["--sweep.searcher", "grid"], "grid needs grid/choice dimensions only"),
     ("tune", ["--sweep.scheduler", "hyperband"], "sweep.scheduler='hyperband' is not allowed: one of asha, fifo"),
+    ("tune", ["--sweep.driver_cpus", "0"], "sweep.driver_cpus=0.0 is not allowed: a number >= 0.0001"),
 ])
 def test_bad_config_exits_2_before_ray_starts(job, args, message, tmp_path):
     out = run_job(job, *args, cwd=tmp_path)

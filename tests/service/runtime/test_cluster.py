@@ -225,3 +225,20 @@ def test_the_global_batch_and_lr_do_not_depend_on_the_workers_alive():
 def test_bad_elastic_settings_are_named(overrides, match):
     with pytest.raises(ConfigError, match=match):
         with_overrides(PretrainConfig(), overrides).validate()
+
+
+def test_ray_trains_ctrl_c_exit_is_a_keyboard_interrupt_and_the_jobs_handler_comes_back():
+    from service.runtime.cluster import ray_stop_handlers
+
+    def ray_trains_handler(signum, frame):  # what Ray Train's handler does once it aborted its run
+        raise SystemExit(0)
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), ray_stop_handlers():
+        signal.signal(signal.SIGINT, ray_trains_handler)  # as TorchTrainer.fit installs it
+        signal.raise_signal(signal.SIGINT)  # Ctrl+C
+    assert signal.getsignal(signal.SIGINT) is before
+
+    with ray_stop_handlers():  # a fit that ends normally leaves its handler behind too
+        signal.signal(signal.SIGINT, ray_trains_handler)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -96,6 +96,23 @@ def test_searcher_and_scheduler_settings_are_validated():
     job(**{"train.epochs": 1, "sweep.scheduler": "fifo"}).validate()  # no ASHA, no constraint
 
 
+@pytest.mark.parametrize("cpus", [0.0, -1.0, 0.00001])
+def test_a_trial_driver_without_cpu_is_refused_up_front_naming_the_value(cpus):
+    with pytest.raises(ConfigError, match=rf"sweep.driver_cpus={cpus!r} is not allowed: a number >= 0.0001: "):
+        job(**{"sweep.driver_cpus": cpus}).validate()
+
+
+def test_tune_refuses_a_trial_driver_of_0_cpu_and_takes_the_smallest_fraction():
+    """Why 0 is refused up front: Tune fails on it only once the sweep starts (a Ray upgrade
+    that takes it would fail this test; sweep.driver_cpus 0 could then be allowed)."""
+    from ray import tune
+
+    with pytest.raises(ValueError, match="empty head and zero worker bundles"):
+        tune.with_resources(lambda config: None, {"cpu": 0.0})
+    tune.with_resources(lambda config: None, {"cpu": 0.0001})
+    job(**{"sweep.driver_cpus": 0.0001}).validate()
+
+
 def test_domains_follow_the_searcher():
     from ray.tune.search.sample import Categorical, Float, Integer
 
