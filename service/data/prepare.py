@@ -348,6 +348,7 @@ def write_range(job: RangeJob, source: ImageSource, fs: fsspec.AbstractFileSyste
         log.info("%s: resuming after %d finished shards (%d/%d images)", shown, len(done),
                  position, total)
     started, written, resized = time.monotonic(), 0, 0
+    progress = _Progress(shown, total, started)
     with scratch("shard") as tmp:
         writer: ShardWriter | None = None
         for image, data in read_all(source, job.images, position):
@@ -364,7 +365,7 @@ def write_range(job: RangeJob, source: ImageSource, fs: fsspec.AbstractFileSyste
                 or writer.num_samples == job.samples_per_shard
             ):
                 done.append(_finish(writer, fs, root, shown, job.max_retries))
-                _log_progress(shown, done, total, written, started)
+                progress.shard_done(done, written)
                 writer = None
             if writer is None:
                 writer = ShardWriter(str(Path(tmp) / job.shard_name(len(done))))
@@ -372,7 +373,7 @@ def write_range(job: RangeJob, source: ImageSource, fs: fsspec.AbstractFileSyste
             written += 1
         if writer is not None:
             done.append(_finish(writer, fs, root, shown, job.max_retries))
-            _log_progress(shown, done, total, written, started)
+            progress.shard_done(done, written)
     return RangeResult(tuple(done), resized)
 
 
@@ -484,11 +485,24 @@ def _remove_ours(fs: fsspec.AbstractFileSystem, root: str, keep: set[str]) -> No
         fs.rm(doomed)
 
 
-def _log_progress(shown: str, done: list[ShardIndex], total: int, written: int,
-                  started: float) -> None:
-    last = done[-1].info
-    finished = sum(index.info.num_samples for index in done)
-    rate = written / max(time.monotonic() - started, 1e-9)
-    log.info("%s/%s: %d images, %.1f MB | %d/%d images (%.0f%%), %.0f images/s", shown,
-             last.name, last.num_samples, last.num_bytes / 2**20, finished, total,
-             100 * finished / max(total, 1), rate)
+# Seconds between progress lines: the first shard is logged at once, then one line per interval
+# (a small data set of a dozen shards written in a second logs one line, not a dozen).
+PROGRESS_EVERY_S = 10.0
+
+
+class _Progress:
+    def __init__(self, shown: str, total: int, started: float) -> None:
+        self.shown, self.total, self.started = shown, total, started
+        self.last_logged: float | None = None
+
+    def shard_done(self, done: list[ShardIndex], written: int) -> None:
+        now = time.monotonic()
+        if self.last_logged is not None and now - self.last_logged < PROGRESS_EVERY_S:
+            return
+        self.last_logged = now
+        last = done[-1].info
+        finished = sum(index.info.num_samples for index in done)
+        rate = written / max(now - self.started, 1e-9)
+        log.info("%s/%s: %d images, %.1f MB | %d/%d images (%.0f%%), %.0f images/s", self.shown,
+                 last.name, last.num_samples, last.num_bytes / 2**20, finished, self.total,
+                 100 * finished / max(self.total, 1), rate)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import socket
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -331,3 +333,16 @@ def test_max_side_is_off_by_default_and_checked(make_image_folder, tmp_path):
                                              str(tmp_path / "ds"))["extra"]
     with pytest.raises(ConfigError, match=r"max_side=8 is not allowed: >= 16"):
         load_config(PrepareDataConfig, None, {"src": "a", "dest": "b", "max_side": 8})
+
+
+def test_progress_is_one_line_per_interval_not_one_per_shard(make_image_folder, tmp_path, caplog):
+    src = make_image_folder(classes=2, per_class=12)
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="service.data.prepare"):
+        prepare_dataset(str(src), str(tmp_path / "out"), samples_per_shard=1)
+    elapsed = time.monotonic() - started
+    lines = [r.getMessage() for r in caplog.records if "images/s" in r.getMessage()]
+    # 24 shards: the first logged at once, then at most one line per interval
+    assert lines and "shard-000000.tar" in lines[0]
+    assert len(lines) <= 1 + elapsed / prepare_module.PROGRESS_EVERY_S, lines
+    assert any("complete: 24 images in 24 shards" in r.getMessage() for r in caplog.records)
