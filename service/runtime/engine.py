@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from service.config import TrainingJobConfig
-from service.runtime.logs import DEEPSPEED_PRINTS, dropping_printed_lines
+from service.runtime.logs import DEEPSPEED_PRINTS, DEEPSPEED_PROGRESS_BARS, dropping_printed_lines
 from service.runtime.optim import param_groups
 from service.runtime.safe_checkpoint import (
     DamagedCheckpointError,
@@ -395,7 +395,8 @@ def _fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # zero_to_fp32 calls torch.load(weights_only=False), and prints its progress.
-        with weights_only_loads(), dropping_printed_lines(DEEPSPEED_PRINTS):
+        with (weights_only_loads(), dropping_printed_lines(DEEPSPEED_PRINTS),
+              dropping_printed_lines(DEEPSPEED_PROGRESS_BARS, stream="stderr")):
             state = dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=ENGINE_STATE_DIR))
         # ZeRO-1 does not record frozen parameters (our fixed sin-cos position embeddings) in
         # its optimizer shards; below ZeRO-3 the module states hold them whole.

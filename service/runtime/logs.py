@@ -24,7 +24,11 @@ otherwise pass untouched:
   registered version ourselves).
 - DeepSpeed's "Setting accelerator to CPU" on machines without a GPU (``DS_ACCELERATOR`` is set
   to cpu there instead of left to detection), "... built successfully" of its prebuilt CPU comm
-  op, and ``zero_to_fp32``'s four progress prints per exported checkpoint.
+  op, and ``zero_to_fp32``'s four progress prints and its "Loading checkpoint shards" progress
+  bar per exported checkpoint.
+- MLflow's system metrics monitor's start and stop lines and its "Skip logging GPU metrics" on a
+  CPU worker: a run logs system metrics when ``mlflow.system_metrics`` asks for them (the
+  default); that it starts and stops doing so is not news.
 """
 
 from __future__ import annotations
@@ -51,11 +55,16 @@ _NOISY_MESSAGES: dict[str, tuple[str, ...]] = {
     "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray",),
     "mlflow.store.db.utils": ("Creating initial MLflow database tables", "Updating database tables"),
     "ray._private.worker": ("SIGTERM handler is not set because current thread is not the main thread",),
+    "mlflow.system_metrics.system_metrics_monitor": (
+        "Started monitoring system metrics", "Stopping system metrics monitoring",
+        "Successfully terminated system metrics monitoring", "Skip logging GPU metrics"),
 }
 # What third-party calls print (not log) that is noise, dropped around those calls.
 DEEPSPEED_PRINTS = (r"^DeepSpeed .* built successfully$", r"^Processing zero checkpoint ",
                     r"^Parsing checkpoint created by deepspeed", r"^Detected checkpoint of type zero stage",
                     r"^Reconstructed (Frozen )?fp32 state dict with ")
+# DeepSpeed's zero_to_fp32 draws a tqdm bar on stderr ("Loading checkpoint shards") per export.
+DEEPSPEED_PROGRESS_BARS = (r"Loading checkpoint shards: ",)
 MLFLOW_REGISTRY_PRINTS = (r"^Successfully registered model ", r"^Created version '.*' of model ")
 
 

@@ -130,14 +130,15 @@ KNOWN_NOISE = ("Reporting training result", "Checkpoint successfully created", "
                "Started training worker group", "Token authentication is enabled for this Ray cluster",
                "Creating initial MLflow database tables", "Successfully registered model", "Created version '",
                "Setting accelerator to CPU", "built successfully", "Processing zero checkpoint",
-               "Reconstructed fp32 state dict", "has no artifacts at artifact path")
+               "Reconstructed fp32 state dict", "has no artifacts at artifact path", "Loading checkpoint shards",
+               "system metrics monitoring", "Started monitoring system metrics", "Skip logging GPU metrics")
 
 
 @pytest.mark.e2e
 def test_a_pretraining_run_prints_our_lines_and_no_known_noise(digits_dir, tmp_path):
     out = run_job("pretrain", "--data.embedded_dir", str(digits_dir), "--model.img_size", "32",
                   "--train.max_steps", "2", "--train.knn_train_samples", "64", "--data.loader_workers", "0",
-                  "--mlflow.system_metrics", "false", cwd=tmp_path)
+                  cwd=tmp_path)  # system metrics on, as by default
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
     assert "service.training.loop INFO first step 1 done" in text  # our own lines come through
