@@ -26,6 +26,9 @@ otherwise pass untouched:
   to cpu there instead of left to detection), "... built successfully" of its prebuilt CPU comm
   op, and ``zero_to_fp32``'s four progress prints and its "Loading checkpoint shards" progress
   bar per exported checkpoint.
+- MLflow's "Downloading artifacts" progress bar each time a job loads a registered model (a
+  handful of small files; it draws over the job's own lines): ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``
+  is false unless the environment sets it.
 - MLflow's system metrics monitor's start and stop lines and its "Skip logging GPU metrics" on a
   CPU worker: a run logs system metrics when ``mlflow.system_metrics`` asks for them (the
   default); that it starts and stops doing so is not news.
@@ -110,6 +113,7 @@ def quiet_known_noise() -> None:
 
         if not torch.cuda.is_available():  # what DeepSpeed would detect, minus its warning
             os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     noisy = dict(_NOISY_MESSAGES)
     # Ray Train names this logger by its file's path, outside the ``ray.train`` logger whose
     # level its LoggingConfig sets.
