@@ -73,6 +73,9 @@ class TrainState:
     # The lr schedule's step minus ``optimizer_step``: non-zero after resuming on another number
     # of workers, whose schedule has another number of steps per epoch (see run_epochs).
     schedule_offset: int = 0
+    # What the run trains (its data, its model): a run of other data or another model under the
+    # same run_name must not resume it (see ``resume_problems``). Empty in older checkpoints.
+    trains: dict[str, str] = field(default_factory=dict)
 
 
 def _rng_file(rank: int) -> str:
@@ -230,6 +233,13 @@ def _rng_state(folder: Path, rank: int) -> torch.Tensor | None:
     return state
 
 
+def other_run(saved: TrainState, trains: dict[str, str]) -> list[str]:
+    """How the run that wrote ``saved`` differs in what it trains from one that trains ``trains``
+    (``Launch.trains``): ``data /a/train, not /b``; empty for the same run."""
+    return [f"{what} {saved.trains[what]}, not {now}" for what, now in trains.items()
+            if what in saved.trains and saved.trains[what] != now]
+
+
 def resume_problems(saved: TrainState, cfg: TrainingJobConfig) -> list[str]:
     """What keeps a checkpoint with train state ``saved`` from resuming under ``cfg``, each with
     the flag that fixes it; empty when it resumes (on another number of workers too: the engine
@@ -254,13 +264,22 @@ def resume_problems(saved: TrainState, cfg: TrainingJobConfig) -> list[str]:
     return problems
 
 
-def check_resumable(saved: dict[str, Any] | None, cfg: TrainingJobConfig, where: str) -> None:
+def check_resumable(saved: dict[str, Any] | None, cfg: TrainingJobConfig, where: str,
+                    trains: dict[str, str] | None = None) -> None:
     """Raises ConfigError, naming the flags to set, when the newest checkpoint of the run
-    (``saved``, its train_state.json; None: none yet) cannot resume under ``cfg``; for drivers,
-    before the workers start."""
+    (``saved``, its train_state.json; None: none yet) cannot resume under ``cfg``, or belongs to
+    a run that trains other data or another model than ``trains``; for drivers, before the
+    workers start and before the MLflow run is reopened."""
     if saved is None:
         return
     state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
+    differences = other_run(state, trains or {})
+    if differences:
+        # Resuming would train nothing new (or the wrong thing) and register the old run's model
+        # under this run's name.
+        raise ConfigError(f"run_name={cfg.run_name!r} is another run's: its checkpoints in {where} train "
+                          + "; ".join(differences) + ". Give this run its own name (--run_name NAME), or "
+                          "remove that folder to start over")
     problems = resume_problems(state, cfg)
     if problems:
         raise ConfigError(f"cannot resume run_name={cfg.run_name!r} from its newest checkpoint in {where} (step "

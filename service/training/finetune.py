@@ -76,7 +76,10 @@ def run_finetuning(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None) -
              train_set.num_samples, num_classes, f", validation {redact_url(val_url)}" if val_url else "")
 
     lineage = {"convmae.source_model": redact_url(cfg.model), "convmae.source_run_id": source.run_id or ""}
-    launch = open_launch(cfg, train_url=train_url, tags=lineage)
+    # The pretrained model as loaded (its MLflow run: a models:/NAME/latest names another
+    # model after the next registration), and the size it is fine-tuned at.
+    launch = open_launch(cfg, train_url=train_url, tags=lineage,
+                         model=f"{redact_url(cfg.model)} (run {source.run_id or '-'}) at {model_config.img_size} px")
     with launch.running():  # its MLflow run ends FINISHED, KILLED or FAILED; its lease is released
         launch.tracker.log_params({"num_classes_resolved": num_classes, "img_size_resolved": model_config.img_size})
         # Workers get the pretrained weights through the object store: one download, on the driver.

@@ -8,6 +8,7 @@ and Tune trials: absolute data locations, storage filesystems without secrets.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class Launch:
     tracking_uri: str
     tracker: Tracker  # the job's MLflow run (disabled when MLflow is off or down)
     lease: RunLease | None = None  # this driver's hold on the run's storage (None: its sweep holds one)
+    trains: dict[str, str] = dataclasses.field(default_factory=dict)  # what the run trains (TrainState.trains)
 
     def release(self) -> None:
         """Gives up the run's lease; drivers call it when the run ends, also on failure."""
@@ -93,7 +95,7 @@ class Launch:
             config=cfg, use_gpu=self.use_gpu, precision=self.precision, compile_model=self.compile_model,
             lr=cfg.learning_rate, train_url=train_url, val_url=val_url, tracking_uri=self.tracking_uri,
             mlflow_run_id=self.run_id, credentials=share_credentials(), job_started_at=process_started_at(),
-            watch_preemption=preemption_watched(), job_inputs=job_inputs,
+            watch_preemption=preemption_watched(), job_inputs=job_inputs, trains=self.trains,
         )
 
 
@@ -112,10 +114,15 @@ def process_started_at() -> float:
 
 
 def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | None = None,
-                tags: dict[str, str] | None = None, hold_lease: bool = True) -> Launch:
+                tags: dict[str, str] | None = None, hold_lease: bool = True,
+                model: str = "") -> Launch:
     """Checks the run's storage, takes the run's lease (``hold_lease``; a second driver of the
-    same run stops here, before any Ray work), connects to (or starts) Ray, resolves devices and
-    precision, and opens (or, when resuming, reopens) its MLflow run with the config logged.
+    same run stops here, before any Ray work), checks that its checkpoints (if any) are this
+    run's and resumable, connects to (or starts) Ray, resolves devices and precision, and opens
+    (or, when resuming, reopens) its MLflow run with the config logged.
+
+    ``model``: what model the run trains, in words (pretraining: preset and image size;
+    fine-tuning: the pretrained model it starts from); with ``train_url``, what the run trains.
 
     The caller releases the lease (``Launch.release``) when the run ends, whatever the outcome.
     """
@@ -130,8 +137,17 @@ def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | 
         lease = RunLease(cfg.checkpoint.storage_path, cfg.run_name, cfg.storage,
                          timeout_s=cfg.checkpoint.lease_timeout_s).acquire()
     try:
+        trains = {"data": redact_url(train_url), "model": model}
         if not cfg.checkpoint.resume:
             _refuse_existing_run(storage_path, storage_fs, cfg)
+        else:
+            folder, fs = run_folder(storage_path, storage_fs, cfg.run_name)
+            # Ray Train refuses to start on a snapshot it cannot read, and would hand the workers a
+            # checkpoint outside the run that one names: such a snapshot is set aside.
+            set_aside_unusable_snapshot(RunStorage(fs, folder))
+            # Another run's checkpoints, or ones this config cannot resume: stop here, naming the
+            # flags, before the cluster starts and the MLflow run is reopened.
+            check_resumable(newest_train_state(folder, fs, STATE_FILE), cfg, storage_label, trains)
         tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
         # MLflow's import and store set-up (seconds) overlap Ray's start, which mostly waits.
         mlflow_ready = warm_up(tracking_uri, cfg.mlflow.experiment) if cfg.mlflow.enabled else None
@@ -157,7 +173,7 @@ def open_launch(cfg: TrainingJobConfig, *, train_url: str, parent_run_id: str | 
             lease.release()
         raise
     return Launch(use_gpu, precision, compile_model, storage_path, storage_fs, storage_label, tracking_uri, tracker,
-                  lease)
+                  lease, trains)
 
 
 def shared_locations(cfg: TrainingJobConfig, train_url: str, tracking_uri: str) -> dict[str, str]:
@@ -195,13 +211,6 @@ def fit_workers(worker: Callable[[WorkerSettings], None], settings: WorkerSettin
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    if cfg.checkpoint.resume:  # before any worker starts
-        folder, fs = _run_folder(launch, cfg)
-        # Ray Train refuses to start on a snapshot it cannot read, and would hand the workers a
-        # checkpoint outside the run that one names: such a snapshot is set aside.
-        set_aside_unusable_snapshot(RunStorage(fs, folder))
-        # A checkpoint this config cannot resume: stop here, naming the flags.
-        check_resumable(newest_train_state(folder, fs, STATE_FILE), cfg, launch.storage_label)
     # The wait for room happens here, where Ctrl+C stops it and a deadline ends it, not in
     # Ray Train's controller (service.runtime.placement says why).
     wait_for_placement(cfg, launch.use_gpu)
@@ -310,11 +319,11 @@ def absolute_url(url: str | None) -> str | None:
     return str(Path(url.removeprefix("file://")).resolve())
 
 
-def _run_folder(launch: Launch, cfg: TrainingJobConfig) -> tuple[str, Any]:
+def run_folder(storage_path: str, storage_fs: Any, run_name: str) -> tuple[str, Any]:
     """The run's folder of checkpoints and its pyarrow filesystem."""
     import pyarrow.fs
 
-    return f"{launch.storage_path}/{cfg.run_name}", launch.storage_fs or pyarrow.fs.LocalFileSystem()
+    return f"{storage_path}/{run_name}", storage_fs or pyarrow.fs.LocalFileSystem()
 
 
 def _refuse_existing_run(storage_path: str, storage_fs: Any, cfg: TrainingJobConfig) -> None:

@@ -109,6 +109,7 @@ def start_session(model: torch.nn.Module, cfg: TrainingJobConfig, settings: Work
     engine = Engine.build(model, cfg, use_gpu=settings.use_gpu, precision=settings.precision,
                           lr=lr, groups=groups, compile_model=settings.compile_model)
     state = checkpoints.restore(engine, ctx.rank) or TrainState()
+    state.trains = dict(settings.trains)  # the driver checked that a restored state is this run's
     if state.extra.get(EPOCH_METRICS):
         # A run resumed after its last epoch-end report may never have had that report seen
         # (a sweep interrupted right after it): say it again, so Tune's scheduler gets to decide

@@ -55,7 +55,8 @@ def run_pretraining(
     log.info("data: %s (%d samples in %d shards)%s", redact_url(train_url), train_set.num_samples,
              train_set.num_shards, f", validation {redact_url(val_url)}" if val_url else "")
 
-    launch = open_launch(cfg, train_url=train_url, parent_run_id=parent_run_id, tags=tags, hold_lease=hold_lease)
+    launch = open_launch(cfg, train_url=train_url, parent_run_id=parent_run_id, tags=tags, hold_lease=hold_lease,
+                         model=f"{cfg.model.name} at {cfg.model.img_size} px")
     with launch.running():  # its MLflow run ends FINISHED, KILLED or FAILED; its lease is released
         settings = launch.worker_settings(cfg, train_url=train_url, val_url=val_url)
         result = fit_workers(train_worker, settings, cfg, launch, callbacks)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.config import TrainingJobConfig
@@ -29,6 +29,7 @@ class WorkerSettings:
     # reached by address) and save a checkpoint before the node goes.
     watch_preemption: bool = False
     job_inputs: Any = None  # what only one job needs (fine-tuning: its FinetuneInputs)
+    trains: dict[str, str] = field(default_factory=dict)  # what the run trains, kept in its checkpoints
 
     def config_at(self, workers: int) -> TrainingJobConfig:
         """The config as ``workers`` workers run it (an elastic run may have fewer than

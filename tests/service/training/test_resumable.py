@@ -67,3 +67,44 @@ def test_the_driver_reads_the_newest_checkpoint_by_training_position(tmp_path):
     (tmp_path / "checkpoint_2026-01-01_00-00-05" / STATE_FILE).write_text("{not json")
     assert newest_train_state(str(tmp_path), fs, STATE_FILE)["optimizer_step"] == 80
     assert newest_train_state(str(tmp_path / "none"), fs, STATE_FILE) is None
+
+
+TRAINS = {"data": "/data/digits/train", "model": "convmae_tiny at 96 px"}
+
+
+@pytest.mark.parametrize("now,named", [({**TRAINS, "data": "/data/photos"}, "data /data/digits/train, not /data/photos"),
+                                       ({**TRAINS, "model": "convmae_small at 96 px"},
+                                        "model convmae_tiny at 96 px, not convmae_small at 96 px")])
+def test_another_runs_checkpoints_are_refused_naming_what_differs(now, named):
+    with pytest.raises(ConfigError, match=f"run_name='r' is another run's: .*{named}.*--run_name NAME"):
+        check_resumable(saved(trains=TRAINS), config(), "runs/r", now)
+
+
+def test_the_same_run_and_older_checkpoints_resume():
+    check_resumable(saved(trains=TRAINS), config(), "runs/r", dict(TRAINS))
+    check_resumable(saved(), config(), "runs/r", {**TRAINS, "data": "/data/photos"})  # nothing recorded
+
+
+def test_pretraining_other_data_under_a_used_run_name_stops_before_ray_and_mlflow(digits_dir, tmp_path):
+    """The README's path: the zero-flag run, then `pretrain.py --data.url <your shards>`: with the
+    same (default) run_name it resumed the finished digits run and registered that model under the
+    new data's name."""
+    from mlflow import MlflowClient
+
+    from service.training.pretrain import run_pretraining
+
+    base = {"data.embedded_dir": str(digits_dir), "checkpoint.storage_path": str(tmp_path / "runs"),
+            "mlflow.tracking_uri": f"sqlite:///{tmp_path}/mlruns.db", "model.img_size": 32}
+    first = with_overrides(PretrainConfig(), base)
+    folder = tmp_path / "runs" / first.run_name / "checkpoint_2026-01-01_00-00-00"
+    folder.mkdir(parents=True)
+    digits_train = str(digits_dir / "digits" / "train")
+    (folder / STATE_FILE).write_text(json.dumps(asdict(TrainState(
+        epoch=12, optimizer_step=600, world_size=1, zero_stage=2,
+        trains={"data": digits_train, "model": "convmae_tiny at 32 px"}))))
+    other_data = digits_dir / "digits" / "val"
+    other = with_overrides(first, {"data.url": str(other_data)})  # other data, same run_name
+    with pytest.raises(ConfigError, match=rf"is another run's: .*data {digits_train}, not {other_data}"):
+        run_pretraining(other)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")  # no run opened, none changed
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
