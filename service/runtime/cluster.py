@@ -19,6 +19,7 @@ from typing import Any
 
 from service.config import ConfigError, TrainingJobConfig, redact_url
 from service.runtime.credentials import is_secret_env
+from service.runtime.logs import quiet_forwarded_noise
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None,
         _join_ray(address, key, timeout_s, kwargs)
     else:
         _start_local_ray(num_cpus, kwargs)
+    quiet_forwarded_noise()  # Ray prints its workers' lines from here on
 
 
 def started_local_cluster() -> bool:

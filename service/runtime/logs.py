@@ -32,6 +32,18 @@ otherwise pass untouched:
 - MLflow's system metrics monitor's start and stop lines and its "Skip logging GPU metrics" on a
   CPU worker: a run logs system metrics when ``mlflow.system_metrics`` asks for them (the
   default); that it starts and stops doing so is not news.
+- Ray Train's "Error in training function:" with the worker's traceback, when the error is bad
+  input (``service.job_errors.USER_ERRORS``: a damaged shard, an image size the model refuses):
+  the job reports it in one line and exits 2, and the traceback of where our code noticed it
+  says nothing more. Any other error keeps its traceback, in the worker's forwarded lines.
+- Ray core's "Actor with class name: 'PreemptionWatcher' ... has constructor arguments in the
+  object store and max_restarts > 0" (an ``E`` line of the Train controller's core worker, on
+  runs whose preemption watcher is on: those on a cluster joined by address, as ``ray job
+  submit`` runs are). Ray Train creates its watcher with the run's worker actor handles as
+  arguments and restarts it on failure; Ray warns that a restart fails once such arguments are
+  gone, and these go only with the run itself (ray-project/ray#53727). It is a C++ line in
+  another process, so it is dropped where Ray prints forwarded lines in the driver
+  (``quiet_forwarded_noise``, called once Ray is connected).
 """
 
 from __future__ import annotations
@@ -69,6 +81,11 @@ DEEPSPEED_PRINTS = (r"^DeepSpeed .* built successfully$", r"^Processing zero che
 # DeepSpeed's zero_to_fp32 draws a tqdm bar on stderr ("Loading checkpoint shards") per export.
 DEEPSPEED_PROGRESS_BARS = (r"Loading checkpoint shards: ",)
 MLFLOW_REGISTRY_PRINTS = (r"^Successfully registered model ", r"^Created version '.*' of model ")
+# What the job's other processes print (Ray forwards their lines to the driver) that is noise.
+FORWARDED_NOISE = (r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .*has constructor arguments "
+                   r"in the object store and max_restarts > 0",)
+# Ray Train's logger of a worker's failed training function (with its traceback).
+TRAIN_FUNCTION_ERRORS = "ray.train.v2._internal.util"
 
 
 def redact_record(record: logging.LogRecord) -> logging.LogRecord:
@@ -122,13 +139,49 @@ def quiet_known_noise() -> None:
         noisy[reports.origin] = ("Reporting training result",)
     for name, fragments in noisy.items():
         _add_filter(logging.getLogger(name), _Dropping(fragments))
+    _add_filter(logging.getLogger(TRAIN_FUNCTION_ERRORS), _DroppingUserErrorTracebacks())
     # In Ray Train workers ``print`` logs to the root logger (Ray's print patch).
     _add_filter(logging.getLogger(), _Dropping(patterns=DEEPSPEED_PRINTS + MLFLOW_REGISTRY_PRINTS))
 
 
+def quiet_forwarded_noise() -> None:
+    """Drops the known noise (``FORWARDED_NOISE``) from the lines Ray forwards to this driver
+    from the job's other processes (workers, actors, on any node); every other line is printed
+    as Ray prints it. Call once Ray is connected: ``ray.init`` installs Ray's printer. Idempotent."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    patterns = [re.compile(p) for p in FORWARDED_NOISE]
+    for name, printer in list(dispatcher.handlers):
+        if name != "ray_print_logs" or getattr(printer, "drops_noise", False):
+            continue
+
+        def printing(data: dict[str, Any], _printer: Any = printer) -> None:
+            lines = [line for line in data.get("lines", []) if not any(p.search(line) for p in patterns)]
+            if lines or not data.get("lines"):
+                _printer({**data, "lines": lines})
+
+        printing.drops_noise = True  # type: ignore[attr-defined]
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, printing)
+
+
 def _add_filter(logger: logging.Logger, dropping: logging.Filter) -> None:
-    if not any(isinstance(f, _Dropping) for f in logger.filters):
+    if not any(type(f) is type(dropping) for f in logger.filters):
         logger.addFilter(dropping)
+
+
+class _DroppingUserErrorTracebacks(logging.Filter):
+    """Drops Ray Train's report of a failed training function when the error is bad input.
+
+    Ray Train logs it from inside the ``except`` block that caught the error (``construct_user_
+    exception_with_traceback``), so the exception being handled is the one it reports."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from service.job_errors import user_error_behind
+
+        error = sys.exc_info()[1]
+        return not (error is not None and record.getMessage().startswith("Error in training function")
+                    and user_error_behind(error) is not None)
 
 
 class _Dropping(logging.Filter):

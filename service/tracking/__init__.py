@@ -4,6 +4,7 @@ the pyfunc flavour registered models are served with (``pyfunc``)."""
 from service.tracking.mlflow_run import (
     ERROR_TAG,
     NullTracker,
+    RunStopped,
     Tracker,
     ensure_experiment,
     find_run_id,
@@ -13,5 +14,5 @@ from service.tracking.mlflow_run import (
     warm_up,
 )
 
-__all__ = ["ERROR_TAG", "NullTracker", "Tracker", "ensure_experiment", "find_run_id", "open_run", "resolve_tracking_uri",
+__all__ = ["ERROR_TAG", "NullTracker", "RunStopped", "Tracker", "ensure_experiment", "find_run_id", "open_run", "resolve_tracking_uri",
            "run_status", "warm_up"]

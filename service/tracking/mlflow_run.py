@@ -46,6 +46,13 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
+class RunStopped(Exception):
+    """The job's run was stopped by the caller that started it, which ends its MLflow run
+    itself: a sweep's trial that Tune stops (ASHA's verdict, an interrupted sweep) takes its
+    Train run down with it, and only the sweep's driver knows the verdict
+    (``service.tune.sweep.end_trial_runs``). ``ending_run`` leaves such a run as it is."""
+
+
 def run_status(exc: BaseException | None) -> str:
     """The status a run ends with when its job ended by ``exc`` (None: normally).
 
@@ -151,6 +158,9 @@ class Tracker:
         block that ended the run itself (``finish``) keeps the status it chose."""
         try:
             yield self
+        except RunStopped:
+            self.close()  # its status is the caller's to set
+            raise
         except BaseException as exc:
             status = run_status(exc)
             self.finish(status, error=exc if status == "FAILED" else None)

@@ -42,7 +42,7 @@ from service.runtime.placement import (
     ray_train_placement_deadline,
     wait_for_placement,
 )
-from service.tracking import Tracker, open_run, resolve_tracking_uri, warm_up
+from service.tracking import RunStopped, Tracker, open_run, resolve_tracking_uri, warm_up
 from service.tracking.provenance import provenance
 from service.training.checkpoints import STATE_FILE, check_resumable
 from service.training.lease import LEASE_FILES, RunLease
@@ -202,10 +202,14 @@ def run_identity(run_name: str, storage_label: str) -> dict[str, str]:
 
 
 def fit_workers(worker: Callable[[WorkerSettings], None], settings: WorkerSettings, cfg: TrainingJobConfig,
-                launch: Launch, callbacks: list[Any] | None = None) -> Any:
+                launch: Launch, callbacks: list[Any] | None = None,
+                stop_requested: Callable[[], bool] | None = None) -> Any:
     """Runs ``worker(settings)`` on ``cfg.dist.num_workers`` Ray Train workers (elastic runs: as
     many as the cluster can place, ``dist.min_workers`` at least); returns Ray's ``Result`` (last
-    reported metrics and checkpoint, kept ``checkpoint.keep_last`` deep)."""
+    reported metrics and checkpoint, kept ``checkpoint.keep_last`` deep).
+
+    ``stop_requested``: whether the caller has stopped this run (a sweep's trial stopped by
+    Tune); the Train run's death is then that stop (``RunStopped``), not its error."""
     import functools
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
@@ -242,6 +246,10 @@ def fit_workers(worker: Callable[[WorkerSettings], None], settings: WorkerSettin
         with ray_train_placement_deadline(cfg), ray_stop_handlers():
             result = trainer.fit()
     except Exception as exc:
+        if stop_requested is not None and stop_requested():
+            # Tune frees a stopped trial's placement group, which destroys the Train controller
+            # inside it: the ActorDiedError that follows is the stop, and says nothing more.
+            raise RunStopped(f"{cfg.run_name} was stopped by its caller") from None
         # Bad input a worker found (a damaged shard, a refused checkpoint) is the job's bad input,
         # reported in one line, and the error the MLflow run fails with, not Ray's wrapper.
         raise_user_error_behind(exc)

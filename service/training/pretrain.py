@@ -9,6 +9,7 @@ the consolidated model from the last checkpoint and registers it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,13 @@ def run_pretraining(
     tags: dict[str, str] | None = None,
     callbacks: list[Any] | None = None,
     hold_lease: bool = True,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> PretrainResult:
     """Trains ``cfg`` on the Ray cluster (local when none is given) and registers the model.
 
     ``hold_lease=False``: the caller already holds a lease covering this run (a sweep's trials).
+    ``stop_requested``: whether the caller stopped the run (``fit_workers``); the run then ends
+    in ``RunStopped`` with its MLflow run left to the caller.
     """
     from service import data as data_lib
     from service.training.pretrain_worker import train_worker
@@ -59,7 +63,7 @@ def run_pretraining(
                          model=f"{cfg.model.name} at {cfg.model.img_size} px")
     with launch.running():  # its MLflow run ends FINISHED, KILLED or FAILED; its lease is released
         settings = launch.worker_settings(cfg, train_url=train_url, val_url=val_url)
-        result = fit_workers(train_worker, settings, cfg, launch, callbacks)
+        result = fit_workers(train_worker, settings, cfg, launch, callbacks, stop_requested)
         checkpoint = result.checkpoint
         metrics = dict(result.metrics or {})
 

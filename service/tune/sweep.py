@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 SWEEP_TAG = "convmae.sweep_name"
 SWEEP_STORAGE_TAG = "convmae.sweep_storage"
 TRIAL_TAG = "convmae.trial_id"
+# Why a trial's run ended before its last epoch: the scheduler (asha) or an interrupted sweep.
+STOPPED_BY_TAG = "convmae.stopped_by"
 
 
 # ---------------------------------------------------------------- the trial
@@ -52,10 +54,12 @@ TRIAL_TAG = "convmae.trial_id"
 def _run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
     """One trial, run by Tune in its own actor: a full pretraining run of the trial's config."""
     from ray import tune
+    from ray.train._internal.session import get_session
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from service.runtime.credentials import adopt_credentials
     from service.runtime.logs import install_redaction, quiet_known_noise
+    from service.tracking import RunStopped
     from service.training.pretrain import run_pretraining
 
     install_redaction()
@@ -66,13 +70,21 @@ def _run_trial(params: dict[str, Any], *, context: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     base = from_dict(PretrainConfig, context["base"])
     cfg = with_overrides(base, {**params, "run_name": trial_run_name(context["sweep_name"], trial_id)})
-    run_pretraining(
-        cfg,
-        parent_run_id=context["parent_run_id"],
-        tags={SWEEP_TAG: context["sweep_name"], TRIAL_TAG: trial_id},
-        callbacks=[TuneReportCallback()],
-        hold_lease=False,  # the sweep's driver holds the lease of the whole sweep folder
-    )
+    # Set when Tune stops this trial (ASHA's verdict, also at the last epoch; an interrupted
+    # sweep), before it frees the trial's resources and so destroys its Train run. Tune's own
+    # TuneReportCallback reaches the trial's session the same way.
+    stopping = get_session().stop_event
+    try:
+        run_pretraining(
+            cfg,
+            parent_run_id=context["parent_run_id"],
+            tags={SWEEP_TAG: context["sweep_name"], TRIAL_TAG: trial_id},
+            callbacks=[TuneReportCallback()],
+            hold_lease=False,  # the sweep's driver holds the lease of the whole sweep folder
+            stop_requested=stopping.is_set,
+        )
+    except RunStopped:
+        return  # not a failure: the sweep's driver ends the trial's run with its verdict
 
 
 def trial_run_name(sweep_name: str, trial_id: str) -> str:
@@ -399,7 +411,10 @@ def end_trial_runs(cfg: TuneJobConfig, tracking_uri: str, trials: list[TrialSumm
     stopped by ASHA at its last epoch (so completed trials too), cut short by an interrupted
     sweep. ``run_pretraining`` is then still waiting on the Train controller: no exception or
     ``finally`` runs there, and its run would stay RUNNING forever. Only this driver knows the
-    verdict.
+    verdict. A trial ASHA stopped early ends KILLED, as MLflow has any run that ended before its
+    own end (here: before ``train.epochs``), so that it does not pass for a complete run in
+    searches by status; its ``convmae.stopped_by`` tag says that the scheduler stopped it and
+    tells it from a crash (FAILED, with ``convmae.error``) or an interrupted sweep.
     """
     from service.training.launch import RUN_NAME_TAG
 
@@ -411,6 +426,8 @@ def end_trial_runs(cfg: TuneJobConfig, tracking_uri: str, trials: list[TrialSumm
         if run_id is None:  # never started (or MLflow is down: already warned)
             continue
         tracker, wanted = Tracker(tracking_uri, run_id), TRIAL_RUN_STATUS[trial.status]
+        if trial.status == "stopped early":
+            tracker.set_tags({STOPPED_BY_TAG: cfg.sweep.scheduler})
         if tracker.status() != wanted:  # a failed trial's own FAILED (and error tag) stays
             tracker.finish(wanted, error=(trial.error or "the trial failed") if wanted == "FAILED" else None)
 

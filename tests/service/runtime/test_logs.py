@@ -134,3 +134,50 @@ print(out.getvalue(), end="")
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "mlflow.store.db.utils the store is read-only\n"
+
+
+def test_ray_trains_traceback_of_bad_input_is_dropped_and_of_any_other_error_kept():
+    # Ray Train's own reporting of a failed training function, called as its worker calls it
+    # (inside the except block); a child process: the filters are process-wide.
+    code = """
+from service.runtime.logs import quiet_known_noise
+quiet_known_noise()
+from ray.train.v2._internal.util import construct_user_exception_with_traceback  # logs to stderr
+from service.data import DataError
+for error in (DataError("shard-000000.tar: checksum mismatch"), RuntimeError("CUDA error: an illegal memory access")):
+    try:
+        raise error
+    except Exception as caught:
+        construct_user_exception_with_traceback(caught)
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("Error in training function") == 1 and result.stderr.count("Traceback") == 1
+    assert "RuntimeError: CUDA error" in result.stderr  # a crash keeps its traceback
+    assert "DataError" not in result.stderr and "checksum" not in result.stderr
+
+
+def test_known_forwarded_noise_is_dropped_where_ray_prints_other_processes_lines():
+    # Ray's own printer of forwarded lines, registered as ray.init registers it, fed a batch as
+    # its log subscriber hands them over (the line is the one a submitted run's controller printed).
+    code = """
+import functools
+from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+from ray._private.worker import print_to_stdstream
+from service.runtime.logs import quiet_forwarded_noise
+dispatcher.add_handler("ray_print_logs", functools.partial(print_to_stdstream, ignore_prefix=False))
+quiet_forwarded_noise()
+quiet_forwarded_noise()  # idempotent: one printer
+noise = ("[2026-12-07 21:12:12,388 E 31288 31338] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+         "and ID: 'e08b496117dd5551c094020202000000' has constructor arguments in the object store and "
+         "max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor restart "
+         "will fail. See https://github.com/ray-project/ray/issues/53727 for more details.")
+dispatcher.emit({"ip": "127.0.0.1", "localhost": "127.0.0.1", "pid": 31288, "actor_name": "TrainController",
+                 "is_err": True, "job": "01000000", "lines": [noise, "a real problem: the node is gone"]})
+print(len(dispatcher.handlers))
+"""
+    result = run_python(code, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
+    assert "a real problem: the node is gone" in result.stderr
+    assert "PreemptionWatcher" not in result.stderr

@@ -15,9 +15,10 @@ import pytest
 from mlflow import MlflowClient
 
 from service.config import TuneJobConfig, with_overrides
+from service.tracking import ERROR_TAG
 from service.tracking.provenance import provenance
 from service.tracking.registry import load_model
-from service.tune.sweep import SWEEP_TAG, run_sweep
+from service.tune.sweep import STOPPED_BY_TAG, SWEEP_TAG, run_sweep
 
 pytestmark = pytest.mark.e2e
 
@@ -148,6 +149,12 @@ def test_sweep_stops_bad_trials_resumes_after_interruption_and_registers_the_bes
     # Every run ended with the status it deserves: the stopped trial's is not RUNNING forever.
     status = {r.data.tags["convmae.trial_id"]: r.info.status for r in children}
     assert status == {finished.trial_id: "FINISHED", bad.trial_id: "KILLED"}
+    # ... and says why: ASHA stopped it. Tune tears a trial's Train run down when it stops the
+    # trial (at ASHA's verdict, and at its last epoch too): that is no error of the run's.
+    tags = {r.data.tags["convmae.trial_id"]: r.data.tags for r in children}
+    assert {t: v[ERROR_TAG] for t, v in tags.items() if ERROR_TAG in v} == {}
+    assert tags[bad.trial_id].get(STOPPED_BY_TAG) == "asha"
+    assert STOPPED_BY_TAG not in tags[finished.trial_id]
     assert parent.data.tags["git_commit"] == provenance()["git_commit"]
 
     assert second.registered_uri == "models:/sweep-tiny@best-sweep-lr"
