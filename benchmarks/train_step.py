@@ -37,6 +37,14 @@ would be); ``--data URL`` reads batches from the real loader (``service.data.bui
 shared by all paths in turn), so time spent waiting for data shows as ``data_ms``.
 ``--ds-set KEY=VALUE`` changes the generated DeepSpeed config (dotted keys, JSON values), to
 measure alternatives: ``--ds-set bf16.check_grad_overflow=true``.
+
+``--grad-norm-cost``: what the engine's own gradient norm (``service.runtime.engine.GradNorm``,
+the ``train/grad_norm`` metric) costs: a second service path, ``service_no_norm``, built without
+it (only what DeepSpeed computes itself), timed interleaved with ``service``; and the time spent
+inside ``GradNorm`` per step in the ``service`` path (its hook and its work before and after
+DeepSpeed's step, each ended with a device synchronization), against the service's median step;
+with ``--ds-set zero_optimization.compute_grad_norm=true`` (no clipping) DeepSpeed's own
+per-tensor ZeRO-1/2 norm, which the engine then reads, is timed in the same sum.
 """
 
 from __future__ import annotations
@@ -116,6 +124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="service: torch.compile the model in the engine (dist.compile, on by default on GPU)")
     p.add_argument("--log-every", type=int, default=TrainConfig.log_every_steps, help="service log steps")
     p.add_argument("--no-service", action="store_true", help="skip the service path")
+    p.add_argument("--grad-norm-cost", action="store_true",
+                   help="also time the service without the engine's gradient norm (path service_no_norm), "
+                        "and the time spent computing the norm per step")
     p.add_argument("--top-ops", type=int, default=0, metavar="N",
                    help="also list each path's N most frequent aten ops (JSON: paths.*.top_ops)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -308,7 +319,41 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     tree[last] = value
 
 
-def service_path(cfg: PretrainConfig, args: argparse.Namespace, batches: Batches) -> tuple[PathRun, dict]:
+class NormTimer:
+    """Seconds spent inside ``GradNorm`` (its optimizer hook, before and after the step) per
+    optimizer step: its methods are wrapped, for this process, before the engines are built."""
+
+    def __init__(self, device: torch.device) -> None:
+        from service.runtime.engine import GradNorm
+
+        self.device, self.pending, self.per_step = device, (0.0, 0.0), []  # (wall, CPU) seconds
+        for name in ("_add_partitions", "before_step", "after_step"):
+            setattr(GradNorm, name, self._timed(getattr(GradNorm, name), last=name == "after_step"))
+
+    def watch(self, engine: Engine) -> None:
+        """Also times DeepSpeed's own ZeRO-1/2 norm in this engine (``--ds-set
+        zero_optimization.compute_grad_norm=true``: GradNorm then reads DeepSpeed's)."""
+        optimizer = engine.ds_engine.optimizer
+        if hasattr(optimizer, "scaled_global_norm"):
+            optimizer.scaled_global_norm = self._timed(optimizer.scaled_global_norm, last=False)
+
+    def _timed(self, method: Callable[..., Any], last: bool) -> Callable[..., Any]:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            _sync(self.device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            out = method(*a, **kw)
+            _sync(self.device)
+            wall, cpu = self.pending
+            self.pending = (wall + time.perf_counter() - start, cpu + time.process_time() - cpu_start)
+            if last:  # the step's norm is complete
+                self.per_step.append(self.pending)
+                self.pending = (0.0, 0.0)
+            return out
+        return wrapper
+
+
+def service_path(cfg: PretrainConfig, args: argparse.Namespace, batches: Batches, name: str = "service",
+                 grad_norm: bool = True, norm_timer: NormTimer | None = None) -> tuple[PathRun, dict]:
     """The step as ``pretrain_worker.train_worker`` builds it and ``loop.run_epochs`` runs it
     (one worker, no Ray): the same engine, lr setting, forward, backward/step, loss window on
     the device and progress logging at log steps."""
@@ -330,7 +375,9 @@ def service_path(cfg: PretrainConfig, args: argparse.Namespace, batches: Batches
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = convmae.build_model(m.name, img_size=m.img_size, norm_pix_loss=m.norm_pix_loss)
     engine = Engine.build(model, cfg, use_gpu=use_gpu, precision=args.precision, lr=lr, ds_config=ds_config,
-                          compile_model=args.compile_service)
+                          compile_model=args.compile_service, grad_norm=grad_norm)
+    if norm_timer is not None:
+        norm_timer.watch(engine)
     session = WorkerSession(ctx, engine, TrainState(), NullTracker(), lr)
     state = session.state
     total_steps = 10**9
@@ -355,7 +402,7 @@ def service_path(cfg: PretrainConfig, args: argparse.Namespace, batches: Batches
         if state.optimizer_step % t.log_every_steps == 0:
             log_progress(session, window, meter, lr_now, batches, t.epochs)
 
-    return PathRun("service", step, engine=engine.ds_engine), ds_config
+    return PathRun(name, step, engine=engine.ds_engine), ds_config
 
 
 def service_config(args: argparse.Namespace, img_size: int) -> PretrainConfig:
@@ -414,13 +461,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "official", official_model(args.official, args.model, model_cfg), cfg, args, device, lr,
                 official=True)))
     ds_config = None
+    norm_timer = NormTimer(device) if args.grad_norm_cost and not args.no_service else None
     if not args.no_service:
         def make_service() -> PathRun:
             nonlocal ds_config
-            path, ds_config = service_path(cfg, args, batches)
+            path, ds_config = service_path(cfg, args, batches, norm_timer=norm_timer)
             return path
 
         paths.append(build(make_service))
+        if norm_timer is not None:
+            paths.append(build(lambda: service_path(cfg, args, batches, name="service_no_norm",
+                                                    grad_norm=False)[0]))
 
     def timed(path: PathRun) -> None:
         _sync(device)
@@ -448,9 +499,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch = batches.next()
         path.profile = profile_step(lambda p=path, b=batch: p.step(b), device, args.top_ops)
     # Timed steps, interleaved.
+    if norm_timer is not None:
+        norm_timer.per_step.clear()  # the timed steps' only
     for _ in range(args.steps):
         for path in paths:
             timed(path)
+    norm_s = list(norm_timer.per_step) if norm_timer is not None else []
     # Peak memory of one more step per path (CUDA): the step's own peak above what all paths
     # hold, plus what this path holds.
     if device.type == "cuda":
@@ -508,6 +562,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if official_note:
         out["official"] = official_note
+    if norm_timer is not None:
+        without = results["service_no_norm"]
+        norm_ms = statistics.median(w for w, _ in norm_s) * 1e3 if norm_s else None
+        norm_cpu_ms = statistics.median(c for _, c in norm_s) * 1e3 if norm_s else None
+        out["grad_norm"] = {
+            # Time inside GradNorm per timed step (median), and its share of the service's step;
+            # the same in the process's CPU time (steadier on a busy machine, with one thread).
+            "norm_ms": norm_ms,
+            "norm_share_of_step": norm_ms / service["step_ms"] if norm_ms is not None else None,
+            "norm_cpu_ms": norm_cpu_ms,
+            "norm_cpu_share_of_step": norm_cpu_ms / service["cpu_ms"] if norm_cpu_ms is not None else None,
+            # The A/B of whole steps (noisy on a shared machine; the op count is not).
+            "step_ratio": service["step_ms"] / without["step_ms"],
+            "cpu_ratio": service["cpu_ms"] / without["cpu_ms"],
+            "extra_aten_ops": service["aten_ops"] - without["aten_ops"],
+        }
 
     for path in paths:  # free the models and engines (the process group stays)
         path.model = path.engine = None
@@ -571,6 +641,14 @@ def report(r: dict[str, Any]) -> str:
                      f"{r['ops_service_over_bare']:.3f}x the aten ops per step")
     if r.get("official"):
         lines.append(f"official: {r['official']}")
+    if r.get("grad_norm"):
+        g = r["grad_norm"]
+        lines.append(f"grad norm: {_fmt(g['norm_ms'], '.3f')} ms per step inside GradNorm "
+                     f"({_fmt(g['norm_share_of_step'], '.2%')} of the service's step; CPU time "
+                     f"{_fmt(g['norm_cpu_ms'], '.3f')} ms, {_fmt(g['norm_cpu_share_of_step'], '.2%')}); "
+                     f"service / service_no_norm: "
+                     f"{g['step_ratio']:.3f} step time, {g['cpu_ratio']:.3f} CPU time, "
+                     f"{g['extra_aten_ops']:+d} aten ops per step")
     for name, p in r["paths"].items():
         if p.get("top_ops"):
             lines.append(f"{name}: most frequent aten ops: "
