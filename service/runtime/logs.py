@@ -148,10 +148,14 @@ def quiet_forwarded_noise() -> None:
     """Drops the known noise (``FORWARDED_NOISE``) from the lines Ray forwards to this driver
     from the job's other processes (workers, actors, on any node); every other line is printed
     as Ray prints it. Call once Ray is connected: ``ray.init`` installs Ray's printer. Idempotent."""
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    try:  # Ray's printer of forwarded lines is private: another Ray version prints them all
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
+        handlers = list(dispatcher.handlers)
+    except (ImportError, AttributeError):
+        return
     patterns = [re.compile(p) for p in FORWARDED_NOISE]
-    for name, printer in list(dispatcher.handlers):
+    for name, printer in handlers:
         if name != "ray_print_logs" or getattr(printer, "drops_noise", False):
             continue
 
