@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 
@@ -12,6 +9,7 @@ from convmae import build_model
 from service.config import PretrainConfig, with_overrides
 from service.runtime.engine import Engine
 from service.training.pretrain_worker import mask_generator
+from tests.service.runtime.engines import as_single_rank
 
 # Inductor compiles the tiny model in 1-2 minutes on 2 cores: not part of the default run.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -20,13 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 @pytest.fixture(scope="module")
 def single_process_group():
     """One gloo rank, as a worker outside Ray Train (a benchmark or notebook) has."""
-    if not torch.distributed.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-                           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-            os.environ.setdefault(key, value)
+    as_single_rank()
     yield
 
 

@@ -16,27 +16,13 @@ import socket
 import pytest
 import torch
 
+from tests.service.runtime.engines import Toy, as_single_rank
+
 STAGES = (0, 1, 2, 3)
 ACCUM = 2
 PER_MICRO = 3  # images per worker and micro-batch
 # (precision, clip_grad): a clip far below the norm, so a norm read after clipping would show.
 CASES = [("fp32", None), ("fp32", 1e-3), ("bf16", None)]
-
-
-class Toy(torch.nn.Module):
-    """Shapes that do not divide by 2 (uneven ZeRO partitions), a frozen parameter (outside
-    ZeRO's optimizer shards) and two parameter groups (weight decay and none)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.frozen = torch.nn.Parameter(torch.randn(5), requires_grad=False)
-        self.fc1 = torch.nn.Linear(7, 13)
-        self.norm = torch.nn.LayerNorm(13)
-        self.fc2 = torch.nn.Linear(13, 3)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.gelu(self.norm(self.fc1(x))) + self.frozen.sum()
-        return torch.nn.functional.mse_loss(self.fc2(h), y)
 
 
 def global_batch(world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,13 +87,7 @@ def check(norms: dict, world: int) -> None:
 
 
 def test_the_grad_norm_is_the_plain_models_on_one_worker():
-    if not torch.distributed.is_initialized():  # Engine.build sets up a one-rank gloo group
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-                           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-            os.environ.setdefault(key, value)
+    as_single_rank()
     check(engine_norms(rank=0, world=1), world=1)
 
 

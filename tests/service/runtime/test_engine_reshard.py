@@ -18,21 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.service.runtime.engines import Toy
+
 STAGES = (0, 1, 2, 3)
 GLOBAL_BATCH = 6  # split evenly over 1, 2 and 3 workers: the same global step at every size
-
-
-class Toy(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.frozen = torch.nn.Parameter(torch.randn(5), requires_grad=False)
-        self.fc1 = torch.nn.Linear(7, 13)
-        self.norm = torch.nn.LayerNorm(13)
-        self.fc2 = torch.nn.Linear(13, 3)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.gelu(self.norm(self.fc1(x))) + self.frozen.sum()
-        return torch.nn.functional.mse_loss(self.fc2(h), y)
 
 
 def batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
