@@ -3,9 +3,11 @@ group for engines built outside Ray Train."""
 
 from __future__ import annotations
 
-import os
+import contextlib
 import socket
+from collections.abc import Iterator
 
+import pytest
 import torch
 
 
@@ -25,14 +27,23 @@ class Toy(torch.nn.Module):
         return torch.nn.functional.mse_loss(self.fc2(h), y)
 
 
-def as_single_rank() -> None:
+@contextlib.contextmanager
+def single_rank() -> Iterator[None]:
     """The environment of one gloo rank on a free loopback port, as a worker outside Ray Train
-    (a benchmark or notebook) has; ``Engine.build`` sets the group up from it."""
+    (a benchmark or notebook) has; ``Engine.build`` sets the group up from it. Afterwards the
+    group is gone and the environment as it was, so later tests see no process group."""
     if torch.distributed.is_initialized():
+        yield
         return
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-        os.environ.setdefault(key, value)
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+            env.setenv(key, value)
+        try:
+            yield
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()

@@ -9,7 +9,7 @@ from convmae import build_model
 from service.config import PretrainConfig, with_overrides
 from service.runtime.engine import Engine
 from service.training.pretrain_worker import mask_generator
-from tests.service.runtime.engines import as_single_rank
+from tests.service.runtime.engines import single_rank
 
 # Inductor compiles the tiny model in 1-2 minutes on 2 cores: not part of the default run.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -18,8 +18,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 @pytest.fixture(scope="module")
 def single_process_group():
     """One gloo rank, as a worker outside Ray Train (a benchmark or notebook) has."""
-    as_single_rank()
-    yield
+    with single_rank():
+        yield
 
 
 def train_losses(compile_model: bool, steps: int = 3) -> tuple[list[float], list[str]]:

@@ -16,7 +16,7 @@ import socket
 import pytest
 import torch
 
-from tests.service.runtime.engines import Toy, as_single_rank
+from tests.service.runtime.engines import Toy, single_rank
 
 STAGES = (0, 1, 2, 3)
 ACCUM = 2
@@ -87,8 +87,9 @@ def check(norms: dict, world: int) -> None:
 
 
 def test_the_grad_norm_is_the_plain_models_on_one_worker():
-    as_single_rank()
-    check(engine_norms(rank=0, world=1), world=1)
+    with single_rank():
+        norms = engine_norms(rank=0, world=1)
+    check(norms, world=1)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
