@@ -165,6 +165,7 @@ def test_sweep_stops_bad_trials_resumes_after_interruption_and_registers_the_bes
     assert model.config.img_size == 32
 
 
+@pytest.mark.slow  # the searcher's own choices are unit-tested (test_tune.py); the default run stays < 15 min
 def test_tpe_sweep_samples_the_space_and_registers_its_best(ray_cluster, digits_dir, tmp_path):
     cfg = with_overrides(sweep_config(str(tmp_path / "sweeps"), digits_dir, f"sqlite:///{tmp_path}/mlruns.db"), {
         "train.epochs": 1,
