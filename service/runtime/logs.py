@@ -44,6 +44,11 @@ otherwise pass untouched:
   gone, and these go only with the run itself (ray-project/ray#53727). It is a C++ line in
   another process, so it is dropped where Ray prints forwarded lines in the driver
   (``quiet_forwarded_noise``, called once Ray is connected).
+- Ray Train's "Detected that the Ray Train controller actor (...) is dead. Cleaning up placement
+  group" (its PlacementGroupCleaner actor): printed for a sweep trial that Tune stops (ASHA, the
+  end of a trial), whose placement group Tune frees with the controller in it; the cleanup is
+  Ray's own, and where a controller dies in earnest the job fails with its own error line.
+  Dropped with the line above.
 """
 
 from __future__ import annotations
@@ -83,7 +88,8 @@ DEEPSPEED_PROGRESS_BARS = (r"Loading checkpoint shards: ",)
 MLFLOW_REGISTRY_PRINTS = (r"^Successfully registered model ", r"^Created version '.*' of model ")
 # What the job's other processes print (Ray forwards their lines to the driver) that is noise.
 FORWARDED_NOISE = (r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .*has constructor arguments "
-                   r"in the object store and max_restarts > 0",)
+                   r"in the object store and max_restarts > 0",
+                   r"Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group")
 # Ray Train's logger of a worker's failed training function (with its traceback).
 TRAIN_FUNCTION_ERRORS = "ray.train.v2._internal.util"
 

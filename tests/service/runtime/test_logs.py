@@ -174,6 +174,10 @@ noise = ("[2026-12-07 21:12:12,388 E 31288 31338] core_worker.cc:2465: Actor wit
          "will fail. See https://github.com/ray-project/ray/issues/53727 for more details.")
 dispatcher.emit({"ip": "127.0.0.1", "localhost": "127.0.0.1", "pid": 31288, "actor_name": "TrainController",
                  "is_err": True, "job": "01000000", "lines": [noise, "a real problem: the node is gone"]})
+cleaner = ("Detected that the Ray Train controller actor (445e3431c1dde44d8d5d73c201000000) is dead. Cleaning up "
+           "placement group = [PlacementGroupID(2795c4930c9e764ca8aa148d52b101000000)] created by this run.")
+dispatcher.emit({"ip": "127.0.0.1", "localhost": "127.0.0.1", "pid": 14900, "actor_name": "PlacementGroupCleaner",
+                 "is_err": True, "job": "01000000", "lines": [cleaner]})
 print(len(dispatcher.handlers))
 """
     result = run_python(code, timeout=300)
@@ -181,3 +185,4 @@ print(len(dispatcher.handlers))
     assert result.stdout.strip() == "1"
     assert "a real problem: the node is gone" in result.stderr
     assert "PreemptionWatcher" not in result.stderr
+    assert "Cleaning up placement group" not in result.stderr and "PlacementGroupCleaner" not in result.stderr
