@@ -112,7 +112,9 @@ def load_model_source(
     else:
         source = _from_path_or_url(uri, preset=preset, storage_options=storage_options)
     source.model.eval()
-    log.info("model: %s", source.describe())
+    # Every job that loads one says which in its own output (evaluate's table, reconstruct's and
+    # fine-tuning's lines); at INFO here it printed twice.
+    log.debug("model: %s", source.describe())
     return source
 
 
