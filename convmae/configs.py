@@ -54,8 +54,23 @@ MAX_MLP_RATIO = 16.0
 MAX_PARAMETERS = 4_000_000_000
 
 
+class TokenGrid:
+    """The token grid of a config with ``img_size`` and ``patch_size`` (both model families)."""
+
+    img_size: int
+    patch_size: int
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
 @dataclass(frozen=True)
-class ConvMAEConfig:
+class ConvMAEConfig(TokenGrid):
     img_size: int = 224
     in_chans: int = 3
     # Strides of the three patch embeddings; their product is the token (and loss) patch size.
@@ -161,14 +176,6 @@ class ConvMAEConfig:
         """Width of the tokens the encoder hands to the decoder (stage 3)."""
         return self.embed_dims[2]
 
-    @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
@@ -200,7 +207,7 @@ def _jsonable(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class MAEConfig:
+class MAEConfig(TokenGrid):
     """The plain-ViT MAE baseline (He et al., 2022): one patch embedding straight to a ViT.
 
     Same token grid, masking, decoder and loss as ``ConvMAEConfig``; what it lacks are the two
@@ -263,14 +270,6 @@ class MAEConfig:
     @property
     def encoder_dim(self) -> int:
         return self.embed_dim
-
-    @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
 
     def to_dict(self) -> dict[str, Any]:
         return {"family": MAE_FAMILY, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
